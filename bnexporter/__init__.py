@@ -1,0 +1,3 @@
+"""bnexporter: find dying BatchNorm + ReLU channels in training checkpoints."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,185 @@
+"""The reader interface every checkpoint format implements.
+
+A reader lists tensors (name, shape, dtype) without touching their data and
+reads any flat element range of one tensor on demand, so analysing the four
+small vectors of a BatchNorm layer never reads the rest of a large file.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..errors import CheckpointError
+from . import dtypes
+
+# Elements per chunk when a tensor is scanned in full: 4 Mi elements keeps a
+# float32 chunk plus its temporaries well under 100 MB whatever the tensor size.
+DEFAULT_CHUNK_ELEMENTS = 1 << 22
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass
+class CheckpointMeta:
+    """What a file says about itself beyond raw tensors.
+
+    ``framework`` selects the naming convention for BatchNorm discovery
+    (``keras``, ``torch``, ``tf``, ``generic``). ``model_config`` is a Keras model
+    config (dict) when the file carries one. ``bn_eps`` maps a BN layer name to the
+    epsilon found in the file itself (e.g. a pickled torch module).
+    """
+
+    framework: str = "generic"
+    model_config: dict[str, Any] | None = None
+    step: int | None = None
+    bn_eps: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    # tensor names that are not model weights (optimizer slots, ...): scanned
+    # for non-finite values but never grouped into BN layers
+    auxiliary: frozenset[str] = frozenset()
+
+
+class Reader(ABC):
+    """Base class: subclasses fill ``_infos`` and implement ``_read_flat``."""
+
+    format: str = "unknown"
+
+    def __init__(self, path: str):
+        self.path = str(path)
+        self.meta = CheckpointMeta()
+        self._infos: dict[str, TensorInfo] = {}
+
+    # -- interface -----------------------------------------------------------
+    def tensors(self) -> list[TensorInfo]:
+        return list(self._infos.values())
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self._infos[name]
+        except KeyError:
+            raise KeyError(f"{self.path}: no tensor {name!r}") from None
+
+    def read(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Flat elements ``[start, stop)`` of a tensor, decoded to a numpy dtype."""
+        info = self.info(name)
+        stop = info.size if stop is None else min(stop, info.size)
+        start = max(0, min(start, stop))
+        if stop == start:
+            return np.zeros(0, dtype=np.float32 if dtypes.is_float(info.dtype) else np.int64)
+        return self._read_flat(info, start, stop)
+
+    def read_array(self, name: str) -> np.ndarray:
+        info = self.info(name)
+        return self.read(name).reshape(info.shape)
+
+    def iter_chunks(self, name: str, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+                    align: int = 1) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield ``(start, flat_chunk)``; chunk boundaries are multiples of ``align``."""
+        info = self.info(name)
+        step = max(align, (chunk_elements // max(align, 1)) * max(align, 1))
+        for start in range(0, info.size, step):
+            yield start, self.read(name, start, start + step)
+
+    def close(self) -> None:
+        """Release file handles; safe to call twice."""
+
+    def __enter__(self) -> Reader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- for subclasses -------------------------------------------------------
+    @abstractmethod
+    def _read_flat(self, info: TensorInfo, start: int, stop: int) -> np.ndarray:
+        ...
+
+    def error(self, cause: str, reason: str = "corrupt", retryable: bool = False
+              ) -> CheckpointError:
+        return CheckpointError(self.path, cause, reason, retryable)
+
+
+class RangeFile:
+    """Explicit positional reads of byte ranges, bounds-checked.
+
+    Deliberately not mmap: a memory-mapped file that another process truncates
+    raises SIGBUS and kills the whole daemon; ``os.pread`` just returns short.
+    """
+
+    def __init__(self, path: str, base: int = 0, length: int | None = None):
+        self.path = path
+        try:
+            self.fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError as exc:
+            raise CheckpointError(path, f"cannot open: {exc.strerror}", "io") from None
+        total = os.fstat(self.fd).st_size
+        self.base = base
+        self.size = total - base if length is None else length
+        if base + self.size > total:
+            self.close()
+            raise CheckpointError(path, "member extends past end of file", "truncated", True)
+
+    def read(self, offset: int, nbytes: int) -> bytes:
+        if offset < 0 or nbytes < 0 or offset + nbytes > self.size:
+            raise CheckpointError(
+                self.path,
+                f"read of {nbytes} bytes at offset {offset} is outside the file "
+                f"({self.size} bytes)", "truncated", True)
+        chunks = []
+        pos = self.base + offset
+        remaining = nbytes
+        while remaining:
+            try:
+                data = os.pread(self.fd, min(remaining, 1 << 26), pos)
+            except OSError as exc:
+                raise CheckpointError(self.path, f"read failed: {exc.strerror}", "io", True
+                                      ) from None
+            if not data:
+                raise CheckpointError(self.path, "file shrank while being read", "truncated",
+                                      True)
+            chunks.append(data)
+            pos += len(data)
+            remaining -= len(data)
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    def close(self) -> None:
+        fd, self.fd = getattr(self, "fd", -1), -1
+        if fd >= 0:
+            os.close(fd)
+
+
+class OffsetReader(Reader):
+    """A reader for formats whose tensors are contiguous C-order byte ranges."""
+
+    big_endian = False
+
+    def __init__(self, path: str):
+        super().__init__(path)
+        self._offsets: dict[str, int] = {}
+        self._file: RangeFile | None = None
+
+    def _read_flat(self, info: TensorInfo, start: int, stop: int) -> np.ndarray:
+        assert self._file is not None
+        size = dtypes.itemsize(info.dtype)
+        raw = self._file.read(self._offsets[info.name] + start * size, (stop - start) * size)
+        return dtypes.decode(raw, info.dtype, self.big_endian)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
