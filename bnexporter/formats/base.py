@@ -96,7 +96,7 @@ class Reader(ABC):
         for start in range(0, info.size, step):
             yield start, self.read(name, start, start + step)
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027  (readers without handles need nothing)
         """Release file handles; safe to call twice."""
 
     def __enter__(self) -> Reader:

@@ -40,7 +40,7 @@ class NpzReader(Reader):
         with self._zip.open(zi) as fh:
             try:
                 version = np.lib.format.read_magic(fh)
-                shape, fortran, dt = np.lib.format._read_array_header(fh, version)
+                shape, _fortran, dt = np.lib.format._read_array_header(fh, version)
             except ValueError as exc:
                 raise self.error(f"member {zi.filename}: bad .npy header ({exc})") from None
         name = dt.name if dt.byteorder in "=|<" or dt.itemsize == 1 else dt.newbyteorder().name

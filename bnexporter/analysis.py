@@ -1,0 +1,202 @@
+"""Pure numpy analysis: BN channels -> classes, weight tensors -> anomaly counts.
+
+No I/O here: callers hand in arrays (or an iterator of chunks), so every rule
+can be tested on plain numbers. Thresholds are documented in the README.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+from .formats import dtypes
+
+RELU_LIKE = ("relu", "relu6", "unknown")
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    dead_p: float = 1e-3          # p_active below this: dead
+    near_dead_p: float = 0.05     # p_active below this (and not dead): near-dead
+    saturated_p: float = 1e-3     # ReLU6: P(y < 6) below this: always saturated
+    gamma_abs: float = 1e-6       # |gamma| below this: collapsed gamma ...
+    gamma_rel: float = 1e-3       # ... or below this times the layer's median |gamma|
+    dead_input_var: float = 1e-6  # running var below this times eps: dead input ...
+    dead_input_mean: float = 1e-3  # ... with |running mean| below this times sqrt(eps)
+    constant_rel: float = 1e-3    # output std below this times |beta|: input-independent
+    extreme: float = 1e5          # |w| > T huge, 0 < |w| < 1/T tiny (capped per dtype)
+    dead_filter_rel: float = 1e-6  # filter norm below this times the median norm: dead
+
+
+@dataclass(frozen=True)
+class ChannelResult:
+    p_active: np.ndarray
+    dead: list[int]
+    near_dead: list[int]
+    collapsed_gamma: list[int]
+    dead_input: list[int]
+    constant: list[int]
+    saturated: list[int]
+
+
+def normal_cdf(z: np.ndarray) -> np.ndarray:
+    """Phi(z) via erfc, accurate in the far tails where 1 - erf would round to 0."""
+    erfc = np.vectorize(math.erfc, otypes=[np.float64])
+    return 0.5 * erfc(-np.asarray(z, dtype=np.float64) / math.sqrt(2.0))
+
+
+def _tail_above(threshold: np.ndarray, loc: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """P(N(loc, scale^2) > threshold), with the scale == 0 limit."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = (loc - threshold) / scale
+    p = normal_cdf(np.where(scale > 0, z, 0.0))
+    return np.where(scale > 0, p, (loc > threshold).astype(np.float64))
+
+
+def classify_channels(gamma: np.ndarray | None, beta: np.ndarray | None, mean: np.ndarray,
+                      var: np.ndarray, eps: float, consumer: str,
+                      th: Thresholds = Thresholds()) -> ChannelResult:
+    """Classify each channel of one BN layer from its four vectors.
+
+    y = gamma (x - mean) / sqrt(var + eps) + beta with x ~ N(mean, var) gives
+    y ~ N(beta, s^2), s = |gamma| sqrt(var / (var + eps)); p_active = P(y > 0).
+    """
+    mean = np.asarray(mean, dtype=np.float64)
+    var = np.asarray(var, dtype=np.float64)
+    n = mean.shape[0]
+    g = np.ones(n) if gamma is None else np.asarray(gamma, dtype=np.float64)
+    b = np.zeros(n) if beta is None else np.asarray(beta, dtype=np.float64)
+    finite = np.isfinite(g) & np.isfinite(b) & np.isfinite(mean) & np.isfinite(var)
+    v = np.where(np.isfinite(var), np.maximum(var, 0.0), 0.0)
+    with np.errstate(invalid="ignore", over="ignore"):
+        s = np.abs(g) * np.sqrt(v / (v + eps))
+    s = np.where(np.isfinite(s), s, 0.0)
+    p_active = _tail_above(np.zeros(n), b, s)
+    p_active = np.where(finite, p_active, np.nan)
+
+    abs_g = np.abs(g)
+    med_g = float(np.median(abs_g[np.isfinite(abs_g)])) if np.isfinite(abs_g).any() else 0.0
+    collapsed = (gamma is not None) & finite & (
+        (abs_g < th.gamma_abs) | (abs_g < th.gamma_rel * med_g))
+    dead_input = finite & (v < th.dead_input_var * eps) & (
+        np.abs(mean) < th.dead_input_mean * math.sqrt(eps))
+    constant = finite & (b > 0) & (s <= th.constant_rel * np.abs(b))
+
+    relu_like = consumer in RELU_LIKE
+    dead = relu_like & finite & (p_active < th.dead_p)
+    near = relu_like & finite & ~dead & (p_active < th.near_dead_p)
+    if consumer == "relu6":
+        p_below6 = 1.0 - _tail_above(np.full(n, 6.0), b, s)
+        saturated = finite & (p_below6 < th.saturated_p)
+    else:
+        saturated = np.zeros(n, dtype=bool)
+    idx = lambda mask: [int(i) for i in np.flatnonzero(mask)]  # noqa: E731
+    return ChannelResult(p_active, idx(dead), idx(near), idx(collapsed), idx(dead_input),
+                         idx(constant), idx(saturated))
+
+
+@dataclass(frozen=True)
+class TensorStats:
+    nonfinite: int
+    huge: int
+    tiny: int
+    zero: int
+    max_abs: float
+    size: int
+    dead_filters: list[int] | None = None
+
+
+def extreme_limits(dtype: str, extreme: float) -> tuple[float, float]:
+    """Huge / tiny cut-offs that the dtype can actually represent.
+
+    fp16 cannot hold 1e5 or 1e-5 as a normal number, so its limits tighten to an
+    eighth of the largest finite value and the smallest normal.
+    """
+    if not dtypes.is_float(dtype):
+        return extreme, 1.0 / extreme
+    largest, smallest_normal = dtypes.finfo_limits(dtype)
+    return min(extreme, largest / 8.0), max(1.0 / extreme, smallest_normal)
+
+
+class TensorScan:
+    """Accumulates anomaly counts over the chunks of one tensor.
+
+    ``out_axis`` names the output-filter layout of a conv / dense kernel: 0
+    (PyTorch: filter = leading index), -1 (Keras: filter = trailing index), or
+    None for tensors that are not kernels. Chunks must start at multiples of
+    :meth:`align`.
+    """
+
+    def __init__(self, shape: tuple[int, ...], dtype: str, th: Thresholds = Thresholds(),
+                 out_axis: int | None = None):
+        self.shape, self.dtype, self.th = shape, dtype, th
+        self.huge_limit, self.tiny_limit = extreme_limits(dtype, th.extreme)
+        self.nonfinite = self.huge = self.tiny = self.zero = 0
+        self.max_abs = 0.0
+        self.size = math.prod(shape)
+        self.out_axis = out_axis if len(shape) >= 2 and dtypes.is_float(dtype) else None
+        if self.out_axis == 0:
+            self.filters, self.row = shape[0], self.size // max(shape[0], 1)
+        elif self.out_axis == -1:
+            self.filters, self.row = shape[-1], shape[-1]
+        else:
+            self.filters, self.row = 0, 1
+        self.sumsq = np.zeros(self.filters, dtype=np.float64) if self.filters else None
+
+    @property
+    def align(self) -> int:
+        return max(self.row, 1)
+
+    def update(self, start: int, chunk: np.ndarray) -> None:
+        if chunk.size == 0:
+            return
+        if chunk.dtype.kind == "b":
+            self.zero += int(chunk.size - np.count_nonzero(chunk))
+            self.max_abs = max(self.max_abs, float(chunk.any()))
+            return
+        if chunk.dtype.kind in "iu":
+            a = np.abs(chunk.astype(np.float64))
+            self.zero += int(chunk.size - np.count_nonzero(chunk))
+            self.huge += int(np.count_nonzero(a > self.huge_limit))
+            self.max_abs = max(self.max_abs, float(a.max()))
+            return
+        a = np.abs(chunk.astype(np.float32, copy=False))
+        finite = np.isfinite(a)
+        n_finite = int(np.count_nonzero(finite))
+        self.nonfinite += chunk.size - n_finite
+        if n_finite < chunk.size:
+            a = np.where(finite, a, 0.0)
+        self.zero += int(np.count_nonzero(a == 0)) - (chunk.size - n_finite)
+        self.huge += int(np.count_nonzero(a > self.huge_limit))
+        self.tiny += int(np.count_nonzero((a > 0) & (a < self.tiny_limit)))
+        if n_finite:
+            self.max_abs = max(self.max_abs, float(a.max()))
+        if self.sumsq is not None:
+            sq = np.square(a, dtype=np.float64)
+            if self.out_axis == -1:
+                self.sumsq += sq.reshape(-1, self.filters).sum(axis=0)
+            else:
+                first = start // self.row
+                rows = sq.reshape(-1, self.row).sum(axis=1)
+                self.sumsq[first: first + rows.shape[0]] += rows
+
+    def result(self) -> TensorStats:
+        dead = None
+        if self.sumsq is not None:
+            norms = np.sqrt(self.sumsq)
+            median = float(np.median(norms)) if norms.size else 0.0
+            dead = [int(i) for i in np.flatnonzero(norms <= self.th.dead_filter_rel * median)] \
+                if median > 0 else []
+        return TensorStats(self.nonfinite, self.huge, self.tiny, self.zero, self.max_abs,
+                           self.size, dead)
+
+
+def scan_chunks(shape: tuple[int, ...], dtype: str, chunks: Iterable[tuple[int, np.ndarray]],
+                th: Thresholds = Thresholds(), out_axis: int | None = None) -> TensorStats:
+    scan = TensorScan(shape, dtype, th, out_axis)
+    for start, chunk in chunks:
+        scan.update(start, chunk)
+    return scan.result()

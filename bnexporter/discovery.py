@@ -1,0 +1,165 @@
+"""Group a checkpoint's tensors into BatchNorm layers and learn their context.
+
+For each BN layer: which tensors hold gamma / beta / mean / variance, its
+epsilon (and where that number came from), and what consumes its output.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .consumers import ConsumerRules
+from .formats.base import Reader
+from .keras_graph import KerasGraph
+
+_ROLES = {
+    "running_mean": "mean", "running_var": "var", "weight": "gamma", "bias": "beta",
+    "moving_mean": "mean", "moving_variance": "var", "gamma": "gamma", "beta": "beta",
+}
+_SPLIT = re.compile(r"^(.*)[./]([A-Za-z_]+)(?::0)?$")
+_K3_VARS = re.compile(r"^(.*)/vars/(\d+)$")
+
+DEFAULT_EPS = {"keras": 1e-3, "tf": 1e-3, "torch": 1e-5}
+
+
+@dataclass(frozen=True)
+class BNLayer:
+    name: str
+    channels: int
+    mean: str
+    var: str
+    gamma: str | None
+    beta: str | None
+    eps: float
+    eps_source: str
+    consumer: str
+    consumer_source: str
+    # the tensor producing this BN's input (a conv / dense kernel), when known
+    producer: str | None = None
+
+
+def discover(reader: Reader, rules: ConsumerRules | None = None,
+             eps_override: float | None = None) -> list[BNLayer]:
+    meta = reader.meta
+    graph = KerasGraph(meta.model_config) if meta.model_config else None
+    groups = _k3_groups(reader, graph) if reader.format == "keras3-weights-h5" or (
+        reader.format == "keras" and any(_K3_VARS.match(t.name) for t in reader.tensors())
+    ) else _suffix_groups(reader)
+    rules = rules or ConsumerRules()
+    preset = rules.resolve_preset(list(groups)) if meta.framework == "torch" else None
+    layers = []
+    for name, roles in groups.items():
+        mean, var = roles.get("mean"), roles.get("var")
+        if mean is None or var is None:
+            continue
+        shape = reader.info(mean).shape
+        if len(shape) != 1 or reader.info(var).shape != shape:
+            continue
+        gamma = roles.get("gamma") if _same_shape(reader, roles.get("gamma"), shape) else None
+        beta = roles.get("beta") if _same_shape(reader, roles.get("beta"), shape) else None
+        spec = graph.layers.get(name) if graph else None
+        if eps_override is not None:
+            eps, eps_source = eps_override, "override"
+        elif spec is not None and "epsilon" in spec.config:
+            eps, eps_source = float(spec.config["epsilon"]), "config"
+        elif name in meta.bn_eps:
+            eps, eps_source = meta.bn_eps[name], "file"
+        else:
+            fw = meta.framework if meta.framework in DEFAULT_EPS else (
+                "torch" if mean.endswith("running_mean") else "keras")
+            eps, eps_source = DEFAULT_EPS[fw], f"default:{'pytorch' if fw == 'torch' else fw}"
+        consumer, source = rules.lookup(name, preset)
+        if consumer is None:
+            if graph is not None and spec is not None:
+                consumer, source = graph.consumer(name), "config"
+            else:
+                consumer, source = "unknown", "none"
+        layers.append(BNLayer(name, shape[0], mean, var, gamma, beta, eps, eps_source,
+                              consumer, source, roles.get("producer")))
+    return layers
+
+
+def _same_shape(reader: Reader, name: str | None, shape: tuple[int, ...]) -> bool:
+    return name is not None and reader.info(name).shape == shape
+
+
+def _suffix_groups(reader: Reader) -> dict[str, dict[str, str]]:
+    """Group ``<layer>.running_mean`` / ``<layer>/moving_mean`` style names."""
+    groups: dict[str, dict[str, str]] = {}
+    for info in reader.tensors():
+        if info.name in reader.meta.auxiliary:
+            continue
+        m = _SPLIT.match(info.name)
+        if not m or m.group(2) not in _ROLES:
+            continue
+        prefix, role = m.group(1), _ROLES[m.group(2)]
+        if reader.meta.framework == "keras":
+            # Keras weight names are "<layer>/<var>", inside a nested model group too
+            prefix = prefix.rsplit("/", 1)[-1]
+        groups.setdefault(prefix, {})[role] = info.name
+    return groups
+
+
+def _k3_groups(reader: Reader, graph: KerasGraph | None) -> dict[str, dict[str, str]]:
+    """Keras 3 stores a layer's variables as ``<path>/vars/0..n``; name them.
+
+    The layer is identified by the group's ``name`` attribute (Keras >= 3.6) or by
+    the config; which index is gamma/beta follows the BN's ``scale``/``center``.
+    """
+    by_path: dict[str, list[str]] = {}
+    for info in reader.tensors():
+        m = _K3_VARS.match(info.name)
+        if m and info.name not in reader.meta.auxiliary:
+            by_path.setdefault(m.group(1), []).append(info.name)
+    names: dict[str, str] = getattr(reader, "k3_layer_names", {})
+    k3_paths = _k3_paths(graph) if graph else {}
+    groups: dict[str, dict[str, str]] = {}
+    for path, tensors in by_path.items():
+        tensors.sort(key=lambda t: int(t.rsplit("/", 1)[1]))
+        layer = names.get(path) or k3_paths.get(path) or path
+        spec = graph.layers.get(layer) if graph else None
+        if spec is not None:
+            if "BatchNormalization" not in spec.class_name:
+                continue
+            scale = bool(spec.config.get("scale", True))
+            center = bool(spec.config.get("center", True))
+        else:
+            base = path.rsplit("/", 1)[-1]
+            if not re.match(r"^(sync_)?batch_normalization(_v\d)?(_\d+)?$", base) \
+                    and len(tensors) not in (2, 4):
+                continue
+            scale, center = {4: (True, True), 3: (False, True), 2: (False, False)}.get(
+                len(tensors), (True, True))
+        order = (["gamma"] if scale else []) + (["beta"] if center else []) + ["mean", "var"]
+        if len(tensors) < len(order):
+            continue
+        shapes = {reader.info(t).shape for t in tensors[: len(order)]}
+        if len(shapes) != 1 or len(next(iter(shapes))) != 1:
+            continue
+        groups[layer] = dict(zip(order, tensors, strict=False))
+    return groups
+
+
+def _k3_paths(graph: KerasGraph) -> dict[str, str]:
+    """Reproduce Keras 3's ``layers/<snake_case class>_N`` paths from the config."""
+    out: dict[str, str] = {}
+    counters: dict[str, dict[str, int]] = {}
+    for spec in graph.layers.values():
+        scope_path = _scope_path(graph, spec.scope, out)
+        used = counters.setdefault(scope_path, {})
+        base = _snake(spec.class_name)
+        n = used.get(base, -1) + 1
+        used[base] = n
+        leaf = base if n == 0 else f"{base}_{n}"
+        out[spec.name] = f"{scope_path}layers/{leaf}"
+    return {v: k for k, v in out.items()}
+
+
+def _scope_path(graph: KerasGraph, scope: str, out: dict[str, str]) -> str:
+    return f"{out[scope]}/" if scope and scope in out else ""
+
+
+def _snake(name: str) -> str:
+    s = re.sub(r"(.)([A-Z][a-z]+)", r"\1_\2", name)
+    return re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", s).lower()

@@ -1,0 +1,247 @@
+"""Keras HDF5 weights: Keras 2 / tf.keras legacy ``.h5`` and Keras 3 ``.weights.h5``.
+
+h5py is used only to walk the object tree and to learn where each dataset
+lives; the bytes of contiguous, uncompressed datasets (what Keras writes) are
+then read with explicit positional reads, so analysis never loads a file
+whole. Anything else (chunked, compressed) falls back to h5py slicing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from typing import Any
+
+import h5py
+import numpy as np
+
+from . import dtypes
+from .base import RangeFile, Reader, TensorInfo
+
+HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+
+# declared size may exceed stored size only by this factor (compression)
+_MAX_INFLATION = 1000
+
+_H5_DTYPES = {
+    "f8": "float64", "f4": "float32", "f2": "float16", "i8": "int64", "i4": "int32",
+    "i2": "int16", "i1": "int8", "u8": "uint64", "u4": "uint32", "u2": "uint16", "u1": "uint8",
+    "b1": "bool",
+}
+
+
+def looks_like(head: bytes) -> bool:
+    return head[:8] == HDF5_MAGIC
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, (bytes, np.bytes_)):
+        return bytes(value).decode("utf-8", "replace")
+    return str(value)
+
+
+def _name_list(attrs: h5py.AttributeManager, key: str) -> list[str]:
+    """A Keras name-list attribute, joined from ``key0..keyN`` when it was split."""
+    if key in attrs:
+        chunks = [attrs[key]]
+    else:
+        chunks = []
+        while f"{key}{len(chunks)}" in attrs:
+            chunks.append(attrs[f"{key}{len(chunks)}"])
+    names: list[str] = []
+    for chunk in chunks:
+        arr = np.asarray(chunk)
+        if arr.dtype.kind == "f":  # layers without weights store an empty float array
+            continue
+        names.extend(_text(v) for v in arr.ravel())
+    return names
+
+
+def _strip_suffix(name: str) -> str:
+    return name[:-2] if name.endswith(":0") else name
+
+
+class KerasH5Reader(Reader):
+    """Keras 2 layouts (``layer_names`` / ``weight_names``) and Keras 3 ``layers/*/vars``."""
+
+    def __init__(self, path: str, fileobj: io.IOBase | None = None, base_offset: int = 0,
+                 member_size: int | None = None, direct_io: bool = True):
+        """``fileobj``/``base_offset``/``member_size`` describe an HDF5 file stored
+        inside another file (a ``.keras`` zip member); ``direct_io=False`` when that
+        member is compressed, so byte offsets inside it mean nothing on disk."""
+        super().__init__(path)
+        self._direct = direct_io
+        self._base = base_offset
+        self._datasets: dict[str, h5py.Dataset] = {}
+        self._offsets: dict[str, int] = {}
+        self._bf16: set[str] = set()
+        self._range: RangeFile | None = None
+        try:
+            self._h5 = h5py.File(fileobj if fileobj is not None else path, "r")
+        except OSError as exc:
+            msg = str(exc)
+            locked = "lock" in msg
+            raise self.error(
+                "HDF5 file is locked by its writer" if locked
+                else f"not a readable HDF5 file ({msg.split('(')[0].strip() or 'corrupt'})",
+                "incomplete" if locked else "truncated", retryable=True) from None
+        try:
+            self._range = RangeFile(self.path, base_offset, member_size)
+            # Keras >= 3.6: the ``name`` attribute of each ``<path>/vars`` group
+            self.k3_layer_names: dict[str, str] = {}
+            self._open()
+        except Exception:
+            self.close()
+            raise
+
+    # -- layout --------------------------------------------------------------
+    def _open(self) -> None:
+        root = self._h5
+        attrs = root.attrs
+        self.meta.framework = "keras"
+        self.keras_version = _text(attrs.get("keras_version", ""))
+        if "model_config" in attrs:
+            try:
+                self.meta.model_config = json.loads(_text(attrs["model_config"]))
+            except json.JSONDecodeError:
+                self.meta.notes.append("model_config attribute is not valid JSON; ignored")
+        if "model_weights" in root and isinstance(root["model_weights"], h5py.Group):
+            self.format = "keras2-h5"
+            self._walk_k2(root["model_weights"])
+        elif "layer_names" in attrs or "layer_names0" in attrs:
+            self.format = "keras2-h5"
+            self._walk_k2(root)
+        elif any(k in root for k in ("layers", "_layer_checkpoint_dependencies", "vars")):
+            self.format = "keras3-weights-h5"
+            self._walk_k3(root, "")
+        else:
+            raise self.error("HDF5 file has neither a Keras 2 nor a Keras 3 weights layout",
+                             "unsupported")
+        optimizer = root.get("optimizer_weights")
+        if isinstance(optimizer, h5py.Group):
+            self._walk_plain(optimizer, "optimizer_weights")
+
+    def _walk_k2(self, group: h5py.Group) -> None:
+        layers = _name_list(group.attrs, "layer_names") or list(group.keys())
+        for layer in layers:
+            sub = group.get(layer)
+            if not isinstance(sub, h5py.Group):
+                continue
+            for wname in _name_list(sub.attrs, "weight_names"):
+                ds = sub.get(wname)
+                if not isinstance(ds, h5py.Dataset):
+                    raise self.error(f"layer {layer!r} lists weight {wname!r} but has no such "
+                                     "dataset", "truncated", True)
+                name = _strip_suffix(wname)
+                if name in self._infos:
+                    name = f"{layer}/{name}"
+                self._add(name, ds)
+
+    def _walk_k3(self, group: h5py.Group, prefix: str) -> None:
+        for key in group:
+            item = group.get(key)
+            path = f"{prefix}{key}"
+            if isinstance(item, h5py.Group):
+                if key == "vars":
+                    for idx in sorted(item.keys(), key=lambda k: (len(k), k)):
+                        ds = item[idx]
+                        if isinstance(ds, h5py.Dataset):
+                            self._add(f"{path}/{idx}", ds)
+                    label = _text(item.attrs.get("name", ""))
+                    if label:
+                        self.k3_layer_names[prefix.rstrip("/")] = label
+                else:
+                    self._walk_k3(item, path + "/")
+            elif isinstance(item, h5py.Dataset):
+                self._add(path, item)
+        if not prefix:
+            self.meta.auxiliary = frozenset(n for n in self._infos if n.startswith("optimizer/"))
+
+    def _walk_plain(self, group: h5py.Group, prefix: str) -> None:
+        names: list[str] = []
+        group.visit(names.append)
+        aux = set(self.meta.auxiliary)
+        for rel in names:
+            ds = group[rel]
+            if isinstance(ds, h5py.Dataset):
+                name = f"{prefix}/{_strip_suffix(rel)}"
+                self._add(name, ds)
+                aux.add(name)
+        self.meta.auxiliary = frozenset(aux)
+
+    def _add(self, name: str, ds: h5py.Dataset) -> None:
+        dtype = self._dtype_of(name, ds)
+        if dtype is None:
+            return
+        shape = tuple(int(d) for d in ds.shape)
+        info = TensorInfo(name, shape, dtype)
+        nbytes = info.size * dtypes.itemsize(dtype)
+        contiguous = self._direct and ds.chunks is None and ds.compression is None
+        offset = ds.id.get_offset() if contiguous else None
+        if offset is not None:
+            assert self._range is not None
+            if offset + nbytes > self._range.size:
+                raise self.error(f"dataset {ds.name} declares {nbytes} bytes at offset {offset}, "
+                                 f"past the end of the file ({self._range.size} bytes)",
+                                 "truncated", True)
+            self._offsets[name] = offset
+        else:
+            stored = ds.id.get_storage_size()
+            if nbytes > stored * _MAX_INFLATION + (1 << 20):
+                raise self.error(f"dataset {ds.name} declares shape {shape} ({nbytes} bytes) "
+                                 f"but stores only {stored} bytes")
+            self._datasets[name] = ds
+        self._infos[name] = info
+
+    def _dtype_of(self, name: str, ds: h5py.Dataset) -> str | None:
+        dt = ds.dtype
+        if dt.kind == "V" and dt.itemsize == 2 and _text(ds.attrs.get("dtype", "")) == "bfloat16":
+            self._bf16.add(name)
+            return "bfloat16"
+        if dt.kind in "SUOV":
+            self.meta.notes.append(f"dataset {ds.name} of dtype {dt} skipped (not numeric)")
+            return None
+        key = f"{dt.kind}{dt.itemsize}"
+        if key not in _H5_DTYPES:
+            self.meta.notes.append(f"dataset {ds.name} of dtype {dt} skipped")
+            return None
+        if dt.byteorder == ">":
+            self._big = getattr(self, "_big", set()) | {name}
+        return _H5_DTYPES[key]
+
+    # -- data ----------------------------------------------------------------
+    def _read_flat(self, info: TensorInfo, start: int, stop: int) -> np.ndarray:
+        offset = self._offsets.get(info.name)
+        big = info.name in getattr(self, "_big", ())
+        if offset is not None:
+            assert self._range is not None
+            size = dtypes.itemsize(info.dtype)
+            raw = self._range.read(offset + start * size, (stop - start) * size)
+            return dtypes.decode(raw, info.dtype, big)
+        return self._read_h5py(self._datasets[info.name], info, start, stop)
+
+    def _read_h5py(self, ds: h5py.Dataset, info: TensorInfo, start: int, stop: int
+                   ) -> np.ndarray:
+        if ds.ndim == 0:
+            flat = np.asarray(ds[()]).reshape(1)
+        else:
+            row = max(1, info.size // max(1, info.shape[0]))
+            r0, r1 = start // row, -(-stop // row)
+            try:
+                flat = np.asarray(ds[r0:r1]).reshape(-1)[start - r0 * row: stop - r0 * row]
+            except (OSError, ValueError) as exc:
+                raise self.error(f"dataset {ds.name}: {exc}", "truncated", True) from None
+        if info.dtype == "bfloat16":
+            flat = dtypes.decode(flat.view(np.uint16).tobytes(), "bfloat16")
+        return flat
+
+    def close(self) -> None:
+        if self._range is not None:
+            self._range.close()
+        h5 = getattr(self, "_h5", None)
+        if h5 is not None:
+            # closing a half-opened file must never mask the real error
+            with contextlib.suppress(Exception):
+                h5.close()
+

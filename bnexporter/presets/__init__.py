@@ -1,0 +1,1 @@
+"""Shipped consumer rule sets (YAML)."""

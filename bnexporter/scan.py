@@ -1,0 +1,123 @@
+"""One checkpoint in, one report out: open -> discover BN layers -> analyse."""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .analysis import TensorScan, Thresholds, classify_channels
+from .consumers import ConsumerRules
+from .discovery import BNLayer, discover
+from .errors import CheckpointError
+from .formats import dtypes
+from .formats.base import DEFAULT_CHUNK_ELEMENTS, Reader, TensorInfo
+from .formats.detect import open_reader
+from .report import CheckpointReport, LayerReport, Summary, TensorReport, failed
+from .steps import step_from_name
+
+Progress = Callable[[int, int], None]  # (bytes done, bytes total)
+
+_KERNEL_NAME = re.compile(r"(kernel|weight|/vars/0)$")
+
+
+@dataclass(frozen=True)
+class ScanOptions:
+    thresholds: Thresholds = field(default_factory=Thresholds)
+    consumers: ConsumerRules = field(default_factory=ConsumerRules)
+    bn_only: bool = False
+    step_regex: str | None = None
+    eps: float | None = None
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
+
+
+def analyse_path(path: str, opts: ScanOptions | None = None,
+                 progress: Progress | None = None) -> CheckpointReport:
+    """Never raises for a bad file: the error is in the report."""
+    opts = opts or ScanOptions()
+    started = time.perf_counter()
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        return failed(path, f"{path}: cannot stat: {exc.strerror}", "io")
+    try:
+        with open_reader(path) as reader:
+            report = _analyse(reader, opts, progress)
+    except CheckpointError as exc:
+        return failed(path, str(exc), exc.reason, step=step_from_name(path, opts.step_regex))
+    except (MemoryError, RecursionError) as exc:
+        return failed(path, f"{path}: {exc.__class__.__name__} while analysing", "too_large")
+    return CheckpointReport(
+        path=path, format=report.format, step=report.step, error=None,
+        summary=report.summary, bn_layers=report.bn_layers, tensors=report.tensors,
+        notes=report.notes, bn_only=opts.bn_only, size_bytes=st.st_size, mtime=st.st_mtime,
+        duration_seconds=time.perf_counter() - started)
+
+
+def _analyse(reader: Reader, opts: ScanOptions, progress: Progress | None) -> CheckpointReport:
+    th = opts.thresholds
+    try:
+        layers = discover(reader, opts.consumers, opts.eps)
+    except (KeyError, ValueError, TypeError) as exc:
+        raise reader.error(f"cannot group BatchNorm tensors: {exc}") from None
+    layer_reports = [_analyse_layer(reader, layer, th) for layer in layers]
+    bn_tensors = {t for layer in layers
+                  for t in (layer.gamma, layer.beta, layer.mean, layer.var) if t}
+    infos = reader.tensors()
+    if opts.bn_only:
+        infos = [i for i in infos if i.name in bn_tensors]
+    total = sum(i.size * dtypes.itemsize(i.dtype) for i in infos)
+    done = 0
+    tensors: list[TensorReport] = []
+    for info in infos:
+        tensors.append(_scan_tensor(reader, info, th, opts.chunk_elements))
+        done += info.size * dtypes.itemsize(info.dtype)
+        if progress:
+            progress(done, total)
+    nonfinite = sum(t.nonfinite for t in tensors)
+    step = step_from_name(reader.path, opts.step_regex) if opts.step_regex else None
+    if step is None:
+        step = reader.meta.step if reader.meta.step is not None else step_from_name(reader.path)
+    return CheckpointReport(
+        path=reader.path, format=reader.format, step=step, error=None,
+        summary=Summary.build(layer_reports, tensors, nonfinite),
+        bn_layers=layer_reports, tensors=tensors, notes=list(reader.meta.notes))
+
+
+def _analyse_layer(reader: Reader, layer: BNLayer, th: Thresholds) -> LayerReport:
+    read = lambda name: None if name is None else reader.read(name)  # noqa: E731
+    res = classify_channels(read(layer.gamma), read(layer.beta), read(layer.mean),
+                            read(layer.var), layer.eps, layer.consumer, th)
+    finite = res.p_active[np.isfinite(res.p_active)]
+    return LayerReport(
+        name=layer.name, channels=layer.channels, eps=layer.eps, eps_source=layer.eps_source,
+        consumer=layer.consumer, consumer_source=layer.consumer_source, dead=res.dead,
+        near_dead=res.near_dead, collapsed_gamma=res.collapsed_gamma,
+        dead_input=res.dead_input, constant=res.constant, saturated=res.saturated,
+        min_p_active=float(finite.min()) if finite.size else None)
+
+
+def _out_axis(reader: Reader, info: TensorInfo) -> int | None:
+    if len(info.shape) < 2 or not dtypes.is_float(info.dtype) or info.name in reader.meta.auxiliary:
+        return None
+    if not _KERNEL_NAME.search(info.name) or "embed" in info.name.lower():
+        return None
+    return -1 if reader.meta.framework in ("keras", "tf") else 0
+
+
+def _scan_tensor(reader: Reader, info: TensorInfo, th: Thresholds, chunk: int) -> TensorReport:
+    axis = _out_axis(reader, info)
+    shape = info.shape
+    if axis == -1 and len(shape) == 4 and shape[-1] == 1:  # depthwise (kh, kw, in, 1)
+        shape = (*shape[:-2], shape[-2])
+
+    scan = TensorScan(shape, info.dtype, th, axis)
+    for start, part in reader.iter_chunks(info.name, chunk, scan.align):
+        scan.update(start, part)
+    st = scan.result()
+    return TensorReport(info.name, list(info.shape), info.dtype, st.nonfinite, st.huge,
+                        st.tiny, st.zero, st.max_abs, st.dead_filters)
