@@ -40,7 +40,9 @@ class NpzReader(Reader):
         with self._zip.open(zi) as fh:
             try:
                 version = np.lib.format.read_magic(fh)
-                shape, _fortran, dt = np.lib.format._read_array_header(fh, version)
+                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0)
+                shape, _fortran, dt = read_header(fh)
             except ValueError as exc:
                 raise self.error(f"member {zi.filename}: bad .npy header ({exc})") from None
         name = dt.name if dt.byteorder in "=|<" or dt.itemsize == 1 else dt.newbyteorder().name
