@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from bnexporter.analysis import (
-    Thresholds,
     TensorScan,
+    Thresholds,
     classify_channels,
     extreme_limits,
     normal_cdf,

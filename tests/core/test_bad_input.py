@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import zipfile
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -43,13 +44,13 @@ def _huge_hdf5(path):
 
 
 BAD = {
-    "empty.h5": lambda p: open(p, "wb").close(),
-    "random.pt": lambda p: open(p, "wb").write(os.urandom(4096)),
-    "text.safetensors": lambda p: open(p, "w").write("not a checkpoint\n"),
+    "empty.h5": lambda p: Path(p).write_bytes(b""),
+    "random.pt": lambda p: Path(p).write_bytes(os.urandom(4096)),
+    "text.safetensors": lambda p: Path(p).write_text("not a checkpoint\n"),
     "truncated.safetensors": None,  # built from the good file below
     "bomb.keras": _zip_bomb,
     "huge.h5": _huge_hdf5,
-    "halfzip.pt": lambda p: open(p, "wb").write(b"PK\x03\x04" + os.urandom(200)),
+    "halfzip.pt": lambda p: Path(p).write_bytes(b"PK\x03\x04" + os.urandom(200)),
 }
 
 
@@ -60,8 +61,8 @@ def bad_files(tmp_path):
     for name, make in BAD.items():
         path = str(tmp_path / name)
         if make is None:
-            data = open(good, "rb").read()
-            open(path, "wb").write(data[: len(data) - 7])
+            data = Path(good).read_bytes()
+            Path(path).write_bytes(data[: len(data) - 7])
         else:
             make(path)
         paths[name] = path
