@@ -10,8 +10,9 @@ the ``_CHECKPOINTABLE_OBJECT_GRAPH`` instead: each variable's ``full_name``
 (``batch_normalization/gamma``) when it names a layer, else its path through
 the model. Variables reachable only through an optimizer are auxiliary, so
 ``Adam/m/batch_normalization/gamma`` is never mistaken for a BN layer.
-Partitioned (sliced) variables are skipped with a note: they are rare, are
-never BatchNorm parameters, and must not make the whole checkpoint unreadable.
+Partitioned (sliced) tensors, from TF1 partitioners or TF2's
+``MaxShardSizePolicy`` (which cuts any tensor, BN vectors included, at shard
+boundaries), are reassembled from their parts.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
 VALUE_SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"
 MAX_INDEX_BYTES = 512 << 20
 MAX_GRAPH_BYTES = 256 << 20
+# the graph's own CRC is checked up to this size: pure-Python CRC32C runs ~10 MB/s
+MAX_GRAPH_CRC_BYTES = 8 << 20
 DT_STRING = 7
 # tensorflow/core/framework/types.proto; 27 (float8_e4m3b11fnuz), quantized and
 # sub-byte types have no numpy-side decoder and are skipped with a note
@@ -47,12 +50,16 @@ _DTYPES = {
 }
 _STEP_NAMES = ("global_step", "step")
 _ITER_NAMES = ("_iterations", "iterations", "iter", "iteration")
-_OPTIMIZER_CHILDREN = frozenset(_ITER_NAMES)
+# Keras 3 / new tf_keras optimizers, and legacy OptimizerV2 ("iter")
+_OPTIMIZER_CHILDREN = frozenset({"_iterations", "iter"})
 _TF1_OPTIMIZER_SCALARS = frozenset({"beta1_power", "beta2_power"})
 
 
 def data_filename(prefix: str, shard: int, num_shards: int) -> str:
     return f"{prefix}.data-{shard:05d}-of-{num_shards:05d}"
+
+
+Extents = tuple[tuple[int, int], ...]  # (start, length) per dimension
 
 
 @dataclass(frozen=True)
@@ -64,7 +71,13 @@ class Entry:
     offset: int
     size: int
     crc: int | None
-    sliced: bool
+    slices: tuple[Extents, ...]  # set on the entry of a partitioned tensor; length -1 = all
+
+
+@dataclass(frozen=True)
+class Slice:
+    extents: Extents  # resolved: lengths are real
+    entry: Entry  # where this part's bytes are
 
 
 @dataclass
@@ -73,10 +86,21 @@ class Bundle:
     num_shards: int
     big_endian: bool
     entries: dict[str, Entry]
-    slice_keys: int  # binary keys holding the parts of partitioned variables
+    slices: dict[str, list[Slice]]  # parts of partitioned tensors, by tensor key
+
+    def data_entries(self) -> list[Entry]:
+        whole = [e for e in self.entries.values() if not e.slices]
+        return whole + [s.entry for parts in self.slices.values() for s in parts]
 
 
 # -- index --------------------------------------------------------------------
+
+def _extents(msg: pw.Fields, where: str) -> Extents:
+    """A TensorSliceProto; an extent without a length spans the whole dimension."""
+    return tuple((pw.get_int(x, 1, where=where, signed=True),
+                  pw.get_int(x, 2, -1, where=where, signed=True) if x.get(2) else -1)
+                 for x in pw.get_messages(msg, 1, where))
+
 
 def parse_entry(raw: bytes, key: str, where: str) -> Entry:
     """Decode a BundleEntryProto (tensor_bundle.proto)."""
@@ -99,12 +123,97 @@ def parse_entry(raw: bytes, key: str, where: str) -> Entry:
     if offset < 0 or size < 0:
         raise CheckpointError(where, f"tensor {key!r} has a negative offset or size")
     crc = f[6][-1] if f.get(6) else None
+    slices = tuple(_extents(m, where) for m in pw.get_messages(f, 7, where))
     return Entry(key, pw.get_int(f, 1, where=where), tuple(dims), pw.get_int(f, 3, where=where),
-                 offset, size, crc if isinstance(crc, int) else None, bool(f.get(7)))
+                 offset, size, crc if isinstance(crc, int) else None, slices)
+
+
+def _ordered_signed(key: bytes, pos: int, where: str) -> tuple[int, int]:
+    """One OrderedCode::WriteSignedNumIncreasing value: the count of leading header
+    bits (ones for >= 0, zeros for < 0) is the byte length; the rest is big-endian
+    two's complement."""
+    if pos >= len(key):
+        raise CheckpointError(where, "partitioned-tensor key ends early")
+    negative = not key[pos] & 0x80
+    length = 0
+    for byte in key[pos:pos + 2]:
+        bits = (byte ^ 0xFF if negative else byte) ^ 0xFF  # header ones -> leading zeros
+        lead = 8 - bits.bit_length()
+        length += lead
+        if lead < 8:
+            break
+    if not 1 <= length <= 10 or pos + length > len(key):
+        raise CheckpointError(where, "partitioned-tensor key has a bad number encoding")
+    value = int.from_bytes(key[pos:pos + length], "big")
+    nbits = 8 * length
+    value ^= ((1 << length) - 1) << (nbits - length)  # strip the header
+    if negative:
+        value -= 1 << nbits
+    return value, pos + length
+
+
+def parse_slice_key(key: bytes, where: str) -> tuple[str, Extents]:
+    """Decode EncodeTensorNameSlice: ``\\x00``, name, ``\\x00\\x01``, ndims, start/length
+    pairs. Tensor names hold no NUL and (being UTF-8) no 0xff, so nothing is escaped."""
+    end = key.find(b"\x00\x01", 1)
+    if key[:1] != b"\x00" or end < 0 or end + 3 > len(key):
+        raise CheckpointError(where, "malformed partitioned-tensor key")
+    try:
+        name = key[1:end].decode("utf-8")
+    except UnicodeDecodeError:
+        raise CheckpointError(where, "partitioned-tensor key is not UTF-8") from None
+    pos = end + 2
+    nlen = key[pos]
+    if nlen > 2 or pos + 1 + nlen > len(key):
+        raise CheckpointError(where, "partitioned-tensor key has a bad rank")
+    ndims = int.from_bytes(key[pos + 1:pos + 1 + nlen], "big")
+    pos += 1 + nlen
+    extents = []
+    for _ in range(ndims):
+        start, pos = _ordered_signed(key, pos, where)
+        length, pos = _ordered_signed(key, pos, where)
+        extents.append((start, length))
+    if pos != len(key):
+        raise CheckpointError(where, "partitioned-tensor key has trailing bytes")
+    return name, tuple(extents)
+
+
+def _resolve(extents: Extents, shape: tuple[int, ...], key: str, where: str) -> Extents:
+    if len(extents) != len(shape):
+        raise CheckpointError(where, f"tensor {key!r}: slice rank differs from its shape")
+    out = []
+    for (start, length), dim in zip(extents, shape):
+        length = dim - start if length == -1 else length
+        if start < 0 or length < 0 or start + length > dim:
+            raise CheckpointError(where, f"tensor {key!r}: slice lies outside shape {shape}")
+        out.append((start, length))
+    return tuple(out)
+
+
+def _match_slices(full: Entry, parts: list[tuple[Extents, Entry]], where: str) -> list[Slice]:
+    """Pair the tensor's declared slices with the data entries that hold them."""
+    if not full.shape:
+        raise CheckpointError(where, f"scalar tensor {full.key!r} cannot be partitioned")
+    by_extents = {_resolve(x, full.shape, full.key, where): e for x, e in parts}
+    if len(by_extents) != len(parts) or len(parts) != len(full.slices):
+        raise CheckpointError(where, f"tensor {full.key!r}: {len(full.slices)} slices declared, "
+                                     f"{len(parts)} stored")
+    out = []
+    for extents in full.slices:
+        resolved = _resolve(extents, full.shape, full.key, where)
+        part = by_extents.get(resolved)
+        lengths = tuple(n for _, n in resolved)
+        if part is None or part.dtype != full.dtype or part.shape != lengths:
+            raise CheckpointError(where, f"tensor {full.key!r}: slice {resolved} has no "
+                                         f"matching data entry")
+        out.append(Slice(resolved, part))
+    if sum(math.prod(s.entry.shape) for s in out) != math.prod(full.shape):
+        raise CheckpointError(where, f"tensor {full.key!r}: slices do not tile its shape")
+    return out
 
 
 def load_index(prefix: str) -> Bundle:
-    """Parse ``prefix.index``: header plus one entry per tensor."""
+    """Parse ``prefix.index``: header, one entry per tensor, parts of partitioned ones."""
     where = prefix + ".index"
     f = RangeFile(where)
     try:
@@ -125,22 +234,29 @@ def load_index(prefix: str) -> Bundle:
     if not 1 <= num_shards <= 1 << 20:
         raise CheckpointError(where, f"bundle header lists {num_shards} data shards")
     entries: dict[str, Entry] = {}
-    slice_keys = 0
+    parts: dict[str, list[tuple[Extents, Entry]]] = {}
     for raw_key, value in table[1:]:
-        try:
-            key = raw_key.decode("utf-8")
-        except UnicodeDecodeError:
-            key = ""
-        if not key or key[0] == "\x00":
-            # EncodeTensorNameSlice keys (binary "ordered code") of partitioned parts
-            slice_keys += 1
-            continue
-        entry = parse_entry(value, key, where)
-        if not entry.sliced and entry.shard >= num_shards:
-            raise CheckpointError(where, f"tensor {key!r} is in shard {entry.shard} of "
+        if raw_key[:1] == b"\x00":
+            name, extents = parse_slice_key(raw_key, where)
+            entry = parse_entry(value, name, where)
+            parts.setdefault(name, []).append((extents, entry))
+        else:
+            try:
+                key = raw_key.decode("utf-8")
+            except UnicodeDecodeError:
+                raise CheckpointError(where, f"tensor key {raw_key[:40]!r} is not UTF-8") from None
+            entry = parse_entry(value, key, where)
+            entries[key] = entry
+        if not entry.slices and entry.shard >= num_shards:
+            raise CheckpointError(where, f"tensor {entry.key!r} is in shard {entry.shard} of "
                                          f"{num_shards}")
-        entries[key] = entry
-    return Bundle(prefix, num_shards, endianness == 1, entries, slice_keys)
+    slices = {}
+    for key, entry in entries.items():
+        if entry.slices:
+            slices[key] = _match_slices(entry, parts.pop(key, []), where)
+    if parts:
+        raise CheckpointError(where, f"slices of {next(iter(parts))!r} without a tensor entry")
+    return Bundle(prefix, num_shards, endianness == 1, entries, slices)
 
 
 def shard_sizes(bundle: Bundle) -> list[int]:
@@ -158,8 +274,8 @@ def shard_sizes(bundle: Bundle) -> list[int]:
 
 
 def check_extents(bundle: Bundle, sizes: list[int]) -> None:
-    for e in bundle.entries.values():
-        if not e.sliced and e.offset + e.size > sizes[e.shard]:
+    for e in bundle.data_entries():
+        if e.offset + e.size > sizes[e.shard]:
             name = os.path.basename(data_filename(bundle.prefix, e.shard, bundle.num_shards))
             raise CheckpointError(bundle.prefix + ".index",
                                   f"tensor {e.key!r} at bytes {e.offset}+{e.size} lies past the "
@@ -280,6 +396,8 @@ def decode_string_scalar(raw: bytes, entry_crc: int | None, where: str) -> bytes
         raise CheckpointError(where, "object graph string tensor has an inconsistent length")
     length = struct.pack("<I", n) if n <= 0xFFFFFFFF else struct.pack("<Q", n)
     (stored,) = struct.unpack_from("<I", raw, pos)
+    if entry_crc is not None and len(raw) > MAX_GRAPH_CRC_BYTES:
+        entry_crc = None
     if mask_crc(crc32c(length)) != stored or (
             entry_crc is not None and mask_crc(crc32c(raw[pos:], crc32c(length))) != entry_crc):
         raise CheckpointError(where, "object graph checksum mismatch")
@@ -329,6 +447,13 @@ class Naming:
 
 
 def name_from_graph(nodes: list[Node], keys: list[str]) -> Naming:
+    """Readable names and roles for TF2 keys.
+
+    A variable belongs to the model when some path from the root reaches it
+    without entering an optimizer; everything else (moments, slots, iteration
+    counts) is auxiliary even when, as in Keras 3, the model's own variables
+    are keyed under ``optimizer/_trainable_variables``.
+    """
     model = _paths(nodes, avoid_optimizers=True)
     every = _paths(nodes, avoid_optimizers=False)
     slot_nodes = {s for n in nodes for _, _, s in n.slots}
@@ -377,6 +502,11 @@ def name_tf1(keys: list[str]) -> Naming:
     return naming
 
 
+def _natural(key: str) -> list[str | int]:
+    """Sort key putting ``layer_with_weights-10`` after ``-9`` (model order, roughly)."""
+    return [int(t) if i % 2 else t for i, t in enumerate(re.split(r"(\d+)", key))]
+
+
 # -- reader ---------------------------------------------------------------------
 
 class TFBundleReader(Reader):
@@ -392,6 +522,7 @@ class TFBundleReader(Reader):
         self.meta.framework = "tf"
         self._shards: list[RangeFile] = []
         self._entries: dict[str, Entry] = {}
+        self._slices: dict[str, list[Slice]] = {}
         self.checkpoint_keys: dict[str, str] = {}  # tensor name -> checkpoint key
         try:
             self._open()
@@ -412,22 +543,22 @@ class TFBundleReader(Reader):
                         for i in range(bundle.num_shards)]
         check_extents(bundle, [f.size for f in self._shards])
         self.big_endian = bundle.big_endian
-        if bundle.slice_keys:
-            self.meta.notes.append(f"{bundle.slice_keys} slices of partitioned variables")
+        self._slices = bundle.slices
         numeric: list[Entry] = []
         skipped: list[str] = []
         graph: list[Node] | None = None
         for key, e in bundle.entries.items():
-            if key == OBJECT_GRAPH_KEY and e.dtype == DT_STRING and not e.sliced:
+            if key == OBJECT_GRAPH_KEY and e.dtype == DT_STRING and not e.slices:
                 graph = self._object_graph(e)
-            elif e.sliced:
-                self.meta.notes.append(f"skipped partitioned variable {key!r} "
-                                       f"(sliced tensors are not supported)")
             elif e.dtype in _DTYPES:
-                expected = math.prod(e.shape) * dtypes.itemsize(_DTYPES[e.dtype])
-                if e.size != expected:
-                    raise self.error(f"tensor {key!r}: {e.size} bytes stored, shape "
-                                     f"{list(e.shape)} of {_DTYPES[e.dtype]} needs {expected}")
+                itemsize = dtypes.itemsize(_DTYPES[e.dtype])
+                parts = [p.entry for p in bundle.slices[key]] if e.slices else [e]
+                for part in parts:
+                    expected = math.prod(part.shape) * itemsize
+                    if part.size != expected:
+                        raise self.error(f"tensor {key!r}: {part.size} bytes stored, shape "
+                                         f"{list(part.shape)} of {_DTYPES[e.dtype]} needs "
+                                         f"{expected}")
                 numeric.append(e)
             else:
                 skipped.append(key)
@@ -450,7 +581,7 @@ class TFBundleReader(Reader):
         taken: set[str] = set()
         aux = set()
         # model weights pick first so they keep their layer names on any collision
-        for e in sorted(numeric, key=lambda e: (e.key in naming.auxiliary, e.key)):
+        for e in sorted(numeric, key=lambda e: (e.key in naming.auxiliary, _natural(e.key))):
             options = [*naming.candidates.get(e.key, []), unescape_key(e.key), e.key]
             name = next((n for n in options if n not in taken), "")
             suffix = 2
@@ -489,9 +620,33 @@ class TFBundleReader(Reader):
 
     def _read_flat(self, info: TensorInfo, start: int, stop: int) -> np.ndarray:
         e = self._entries[info.name]
+        if e.slices:
+            return self._read_sliced(info, self._slices[e.key], start, stop)
         size = dtypes.itemsize(info.dtype)
         raw = self._shards[e.shard].read(e.offset + start * size, (stop - start) * size)
         return dtypes.decode(raw, info.dtype, self.big_endian)
+
+    def _read_sliced(self, info: TensorInfo, slices: list[Slice], start: int, stop: int
+                     ) -> np.ndarray:
+        """Assemble the rows (along dim 0) that cover ``[start, stop)`` from every slice
+        overlapping them: memory stays at one chunk plus a row, whatever the tensor size."""
+        size = dtypes.itemsize(info.dtype)
+        row = math.prod(info.shape[1:])
+        r0, r1 = start // row, -(-stop // row)
+        out = np.zeros((r1 - r0, *info.shape[1:]),
+                       dtype=dtypes.decode(b"", info.dtype).dtype)
+        for part in slices:
+            (s0, n0), rest = part.extents[0], part.extents[1:]
+            a, b = max(s0, r0), min(s0 + n0, r1)
+            if a >= b:
+                continue
+            prow = math.prod(part.entry.shape[1:])
+            raw = self._shards[part.entry.shard].read(
+                part.entry.offset + (a - s0) * prow * size, (b - a) * prow * size)
+            block = dtypes.decode(raw, info.dtype, self.big_endian)
+            out[(slice(a - r0, b - r0), *(slice(s, s + n) for s, n in rest))] = \
+                block.reshape((b - a, *part.entry.shape[1:]))
+        return out.reshape(-1)[start - r0 * row:stop - r0 * row]
 
     def close(self) -> None:
         for f in self._shards:
