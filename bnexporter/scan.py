@@ -119,5 +119,9 @@ def _scan_tensor(reader: Reader, info: TensorInfo, th: Thresholds, chunk: int) -
     for start, part in reader.iter_chunks(info.name, chunk, scan.align):
         scan.update(start, part)
     st = scan.result()
+    if info.name in reader.meta.auxiliary:
+        # optimizer moments are tiny by nature: only non-finite values mean trouble there
+        return TensorReport(info.name, list(info.shape), info.dtype, st.nonfinite, 0, 0,
+                            st.zero, st.max_abs, None)
     return TensorReport(info.name, list(info.shape), info.dtype, st.nonfinite, st.huge,
                         st.tiny, st.zero, st.max_abs, st.dead_filters)

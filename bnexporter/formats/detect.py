@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import zipfile
 
 from ..errors import CheckpointError
@@ -36,11 +37,25 @@ def _zip_kind(path: str) -> str:
     return "zip"
 
 
+_TF_SHARD = re.compile(r"\.data-\d{5}-of-\d{5}$")
+
+
+def _is_tf_bundle(path: str) -> bool:
+    """A TF checkpoint is a prefix, its ``.index``, a data shard or its folder."""
+    if path.endswith(".index") or os.path.basename(path) == "checkpoint":
+        return True
+    if _TF_SHARD.search(path):
+        return True
+    if os.path.isdir(path):
+        return os.path.isfile(os.path.join(path, "checkpoint"))
+    return not os.path.exists(path) and os.path.isfile(path + ".index")
+
+
 def detect(path: str) -> str:
     """Return a format key: keras-h5, keras, torch, torch-legacy, safetensors, npz, tf."""
     from . import safetensors
 
-    if path.endswith(".index") or os.path.basename(path) == "checkpoint":
+    if _is_tf_bundle(path):
         return "tf"
     try:
         with open(path, "rb") as fh:
