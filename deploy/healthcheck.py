@@ -10,7 +10,7 @@ import sys
 import urllib.error
 import urllib.request
 
-DEFAULT_URL = "http://127.0.0.1:9848/healthz"
+DEFAULT_URL = "http://127.0.0.1:10842/healthz"
 
 
 def main() -> int:

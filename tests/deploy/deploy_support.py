@@ -19,7 +19,7 @@ DEPLOY = REPO / "deploy"
 CONTRACT = REPO / "docs" / "metrics-contract.md"
 RULES = DEPLOY / "prometheus" / "bnexporter.rules.yml"
 DASHBOARD = DEPLOY / "grafana" / "bnexporter-dashboard.json"
-DEFAULT_PORT = 9848
+DEFAULT_PORT = 10842
 
 PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"

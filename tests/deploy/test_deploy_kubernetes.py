@@ -131,7 +131,7 @@ def test_manifest_is_valid(path, version):
 
 def test_validation_is_strict():
     """Negative controls: a misspelt field fails for built-in kinds and for CRDs alike."""
-    deployment = copy.deepcopy(_find("Deployment")[0])
+    deployment = copy.deepcopy(_find("StatefulSet")[0])
     deployment["spec"]["template"]["spec"]["containers"][0]["readOnlyRootFilesytem"] = True
     with pytest.raises(kubernetes_validate.ValidationError):
         validate_manifest(deployment, VERSIONS[-1])
@@ -147,7 +147,7 @@ def test_validation_is_strict():
 
 def test_every_kind_in_the_tree_is_checked():
     kinds = {doc["kind"] for _, doc in _all()}
-    assert {"Job", "Deployment", "Service", "ConfigMap", "PersistentVolumeClaim"} <= kinds
+    assert {"Job", "StatefulSet", "Service", "ConfigMap", "PersistentVolumeClaim"} <= kinds
     assert kinds >= OPERATOR_KINDS
 
 
@@ -163,7 +163,7 @@ def _exporter(pod: dict) -> dict:
 
 
 def _workloads() -> list[tuple[str, dict]]:
-    return [("sidecar", _find("Job", "sidecar")[0]), ("central", _find("Deployment")[0])]
+    return [("sidecar", _find("Job", "sidecar")[0]), ("central", _find("StatefulSet")[0])]
 
 
 def _config(folder: str) -> dict:
@@ -186,7 +186,7 @@ def test_exporter_container_is_locked_down(folder, workload):
     assert "emptyDir" in volumes[mounts["/tmp"]["name"]]          # the only writable path
     assert volumes[mounts["/etc/bnexporter"]["name"]]["configMap"]["name"] == \
         _find("ConfigMap", folder)[0]["metadata"]["name"]
-    assert c["args"] == ["run", "--config", "/etc/bnexporter/config.yaml"]
+    assert c["args"][:3] == ["run", "--config", "/etc/bnexporter/config.yaml"]
 
 
 @pytest.mark.parametrize(("folder", "workload"), _workloads(), ids=["sidecar", "central"])
@@ -237,26 +237,40 @@ def test_sidecar_is_a_native_sidecar_and_is_scraped():
     assert monitor["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
 
 
-def test_central_service_and_servicemonitor_select_the_deployment():
-    deployment = _find("Deployment")[0]
+def test_central_service_and_servicemonitor_select_the_statefulset():
+    sts = _find("StatefulSet")[0]
     service = _find("Service")[0]
     monitor = _find("ServiceMonitor")[0]
-    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
-    assert deployment["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    pod_labels = sts["spec"]["template"]["metadata"]["labels"]
+    assert sts["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    assert sts["spec"]["serviceName"] == service["metadata"]["name"]
+    assert service["spec"]["clusterIP"] == "None"     # one scrape endpoint per shard
     assert service["spec"]["selector"].items() <= pod_labels.items()
     assert monitor["spec"]["selector"]["matchLabels"].items() <= \
         service["metadata"]["labels"].items()
     assert service["spec"]["ports"][0]["targetPort"] == "metrics"
     assert monitor["spec"]["endpoints"][0]["port"] == service["spec"]["ports"][0]["name"]
-    assert deployment["spec"]["strategy"]["type"] == "Recreate"
+
+
+def test_central_shards_match_the_replica_count():
+    """--shard $(POD_INDEX)/N: N must equal replicas, and POD_INDEX must be the pod's index."""
+    sts = _find("StatefulSet")[0]
+    c = _exporter(_pod_spec(sts))
+    shard = c["args"][c["args"].index("--shard") + 1]
+    index, _, count = shard.partition("/")
+    assert index == "$(POD_INDEX)" and int(count) == sts["spec"]["replicas"]
+    env = {e["name"]: e for e in c["env"]}
+    assert env["POD_INDEX"]["valueFrom"]["fieldRef"]["fieldPath"] == \
+        "metadata.labels['apps.kubernetes.io/pod-index']"
+    assert "fsGroup" not in _pod_spec(sts)["securityContext"]   # no chown of the shared volume
 
 
 def test_central_polls_a_shared_volume_one_folder_per_job():
     config = _config("central")
-    assert config["watch"]["mode"] == "polling"
+    assert config["watch"] == "poll"
     assert [m["path"] for m in config["models"]] == ["/checkpoints/{model}"]
     pvc = _find("PersistentVolumeClaim")[0]
     assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
-    volumes = {v["name"]: v for v in _pod_spec(_find("Deployment")[0])["volumes"]}
+    volumes = {v["name"]: v for v in _pod_spec(_find("StatefulSet")[0])["volumes"]}
     claim = volumes["checkpoints"]["persistentVolumeClaim"]
     assert claim == {"claimName": pvc["metadata"]["name"], "readOnly": True}

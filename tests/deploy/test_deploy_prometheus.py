@@ -150,7 +150,7 @@ def test_example_prometheus_config_is_valid(tmp_path):
     for job in config["scrape_configs"]:
         if "kubernetes_sd_configs" in job:
             assert job.pop("kubernetes_sd_configs") == [{"role": "pod"}]
-            job["static_configs"] = [{"targets": ["10.0.0.1:9848"]}]
+            job["static_configs"] = [{"targets": ["10.0.0.1:10842"]}]
             swapped += 1
     assert swapped == 1
     assert config["rule_files"] == ["bnexporter.rules.yml"]
@@ -160,4 +160,4 @@ def test_example_prometheus_config_is_valid(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     targets = [t for job in config["scrape_configs"] for sc in job.get("static_configs", [])
                for t in sc["targets"]]
-    assert "localhost:9848" in targets
+    assert "localhost:10842" in targets
