@@ -1,0 +1,213 @@
+"""Prometheus collector over the latest snapshot; names per docs/metrics-contract.md.
+
+Families are built fresh from immutable data (no shared ``Gauge`` objects), so a
+model that goes away simply stops being yielded. The per-model part, by far the
+largest, is rebuilt only when the models change and reused by every scrape in
+between; families are never mutated once built.
+"""
+
+from __future__ import annotations
+
+import functools
+import platform
+import re
+import threading
+from collections.abc import Iterator
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from .. import __version__
+from ..report import CheckpointReport, LayerReport
+from .config import MetricOptions
+from .state import ModelView, Snapshot, Store
+
+P = "bnexporter_"
+_LAYER_COUNTS = (  # (metric suffix, LayerReport attribute, what it counts)
+    ("dead_channels", "dead", "channels that are (almost) never positive after BN"),
+    ("near_dead_channels", "near_dead", "channels positive only rarely after BN"),
+    ("collapsed_gamma_channels", "collapsed_gamma", "channels whose |gamma| collapsed to ~0"),
+    ("dead_input_channels", "dead_input", "channels whose input never varies (running var ~0)"),
+    ("constant_channels", "constant", "channels whose output does not depend on the input"),
+    ("saturated_channels", "saturated", "ReLU6 channels always at the upper limit"),
+)
+_MODEL_SUMS = (  # (metric suffix, Summary attribute)
+    ("dead_channels", "dead"), ("near_dead_channels", "near_dead"),
+    ("collapsed_gamma_channels", "collapsed_gamma"), ("dead_input_channels", "dead_input"),
+    ("constant_channels", "constant"), ("saturated_channels", "saturated"),
+)
+
+
+@functools.lru_cache(maxsize=256)
+def _regex(pattern: str) -> re.Pattern[str]:
+    return re.compile(pattern)
+
+
+def select_layers(report: CheckpointReport, opts: MetricOptions) -> list[LayerReport]:
+    """Layers to export per ``metrics:`` options: filter, then keep the K worst."""
+    if not opts.per_layer:
+        return []
+    layers = list(report.bn_layers)
+    if opts.layer_include:
+        inc = _regex(opts.layer_include)
+        layers = [x for x in layers if inc.search(x.name)]
+    if opts.layer_exclude:
+        exc = _regex(opts.layer_exclude)
+        layers = [x for x in layers if not exc.search(x.name)]
+    if opts.max_layers and len(layers) > opts.max_layers:
+        ranked = sorted(range(len(layers)), key=lambda i: (
+            -len(layers[i].dead), -len(layers[i].near_dead), -len(layers[i].collapsed_gamma),
+            layers[i].name))
+        keep = sorted(ranked[: opts.max_layers])
+        layers = [layers[i] for i in keep]
+    return layers
+
+
+def collapsed_layers(report: CheckpointReport) -> int:
+    return sum(1 for x in report.bn_layers
+               if x.channels and len(set(x.collapsed_gamma) | set(x.dead)) == x.channels)
+
+
+def _gauge(name: str, doc: str, labels: list[str]) -> GaugeMetricFamily:
+    return GaugeMetricFamily(P + name, doc, labels=labels)
+
+
+def model_families(models: list[ModelView]) -> list[Metric]:
+    """Per-layer, per-model and per-tensor families for every model."""
+    ml, m, t = ["model", "layer"], ["model"], ["model", "tensor"]
+    lf = {"channels": _gauge("layer_channels", "Channels of the BatchNorm layer.", ml)}
+    for suffix, _, what in _LAYER_COUNTS:
+        lf[suffix] = _gauge("layer_" + suffix, f"Number of {what}.", ml)
+    lf["dead_ratio"] = _gauge("layer_dead_ratio", "Dead channels / channels (0..1).", ml)
+    lf["near_dead_ratio"] = _gauge("layer_near_dead_ratio",
+                                   "Near-dead channels / channels (0..1).", ml)
+    info = _gauge("layer_info", "What consumes the BN layer's output (relu, relu6, add, linear,"
+                  " other, unknown) and how that was learnt.",
+                  ["model", "layer", "consumer", "consumer_source"])
+    mf = {
+        "bn_layers": _gauge("model_bn_layers", "BatchNorm layers found in the checkpoint.", m),
+        "channels": _gauge("model_channels", "BatchNorm channels over all layers.", m),
+    }
+    for suffix, attr in _MODEL_SUMS:
+        mf[attr] = _gauge("model_" + suffix, f"Sum over layers of layer_{suffix}.", m)
+    mf["dead_ratio"] = _gauge("model_dead_ratio", "Dead channels / channels (0..1).", m)
+    mf["near_dead_ratio"] = _gauge("model_near_dead_ratio",
+                                   "Near-dead channels / channels (0..1).", m)
+    collapsed = _gauge("model_collapsed_layers", "BN layers whose every channel has a "
+                       "collapsed gamma or is dead.", m)
+    nonfinite = _gauge("model_nonfinite_values", "NaN/Inf values over all scanned tensors.", m)
+    extreme = _gauge("model_extreme_tensors", "Tensors with any huge, tiny or non-finite "
+                     "value.", m)
+    dead_filters = _gauge("model_dead_filters", "Conv/dense output filters with ~zero norm.", m)
+    step = _gauge("model_checkpoint_step", "Training step of the analysed checkpoint.", m)
+    mtime = _gauge("model_checkpoint_timestamp_seconds", "Modification time of the analysed "
+                   "checkpoint (Unix seconds).", m)
+    analysed = _gauge("model_last_analysis_timestamp_seconds", "When the exported analysis "
+                      "finished (Unix seconds).", m)
+    duration = _gauge("model_analysis_duration_seconds", "How long the exported analysis "
+                      "took.", m)
+    ck_info = _gauge("model_checkpoint_info", "The analysed checkpoint's path and format.",
+                     ["model", "path", "format"])
+    up = _gauge("model_up", "1: the newest checkpoint was analysed; 0: it could not be read "
+                "(the previous good results stay exported).", m)
+    errs = CounterMetricFamily(P + "model_checkpoint_errors", "Checkpoints that never became "
+                               "readable, by reason (each file counts once).",
+                               labels=["model", "reason"])
+    t_nonfinite = _gauge("tensor_nonfinite_ratio", "NaN/Inf values / values (opt-in).", t)
+    t_extreme = _gauge("tensor_extreme_ratio", "Huge or tiny values / values (opt-in).", t)
+
+    for view in models:
+        name = view.name
+        up.add_metric([name], 1.0 if view.up else 0.0)
+        for reason, n in sorted(view.errors.items()):
+            errs.add_metric([name, reason], float(n))
+        r = view.report
+        if r is None:
+            continue
+        s = r.summary
+        for layer in select_layers(r, view.metrics):
+            key = [name, layer.name]
+            lf["channels"].add_metric(key, float(layer.channels))
+            for suffix, attr, _ in _LAYER_COUNTS:
+                lf[suffix].add_metric(key, float(len(getattr(layer, attr))))
+            lf["dead_ratio"].add_metric(key, layer.dead_ratio)
+            lf["near_dead_ratio"].add_metric(key, layer.near_dead_ratio)
+            info.add_metric([name, layer.name, layer.consumer, layer.consumer_source], 1.0)
+        mf["bn_layers"].add_metric([name], float(s.bn_layers))
+        mf["channels"].add_metric([name], float(s.channels))
+        for _, attr in _MODEL_SUMS:
+            mf[attr].add_metric([name], float(getattr(s, attr)))
+        mf["dead_ratio"].add_metric([name], s.dead_ratio)
+        mf["near_dead_ratio"].add_metric([name], s.near_dead_ratio)
+        collapsed.add_metric([name], float(collapsed_layers(r)))
+        nonfinite.add_metric([name], float(s.nonfinite))
+        extreme.add_metric([name], float(s.extreme_tensors))
+        dead_filters.add_metric([name], float(s.dead_filters))
+        if r.step is not None:
+            step.add_metric([name], float(r.step))
+        if r.mtime is not None:
+            mtime.add_metric([name], r.mtime)
+        if view.analysed_at is not None:
+            analysed.add_metric([name], view.analysed_at)
+        duration.add_metric([name], r.duration_seconds)
+        ck_info.add_metric([name, r.path, r.format or "unknown"], 1.0)
+        if view.metrics.per_tensor:
+            for tensor in r.tensors:
+                size = tensor.size
+                if size:
+                    t_nonfinite.add_metric([name, tensor.name], tensor.nonfinite / size)
+                    t_extreme.add_metric([name, tensor.name], (tensor.huge + tensor.tiny) / size)
+    return [*lf.values(), info, *mf.values(), collapsed, nonfinite, extreme, dead_filters, step,
+            mtime, analysed, duration, ck_info, up, errs, t_nonfinite, t_extreme]
+
+
+def exporter_families(s: Snapshot) -> list[Metric]:
+    build = _gauge("build_info", "bnexporter version and Python version.",
+                   ["version", "python_version"])
+    build.add_metric([__version__, platform.python_version()], 1.0)
+    analyses = CounterMetricFamily(P + "analyses", "Analysis attempts by outcome (retry: "
+                                   "not readable yet, will be tried again).", labels=["outcome"])
+    for outcome, n in s.analyses.items():
+        analyses.add_metric([outcome], float(n))
+    errors = CounterMetricFamily(P + "errors", "Checkpoints given up on, by reason.",
+                                 labels=["reason"])
+    for reason, n in s.errors.items():
+        errors.add_metric([reason], float(n))
+    watched = _gauge("models_watched", "Models currently watched by this replica.", [])
+    watched.add_metric([], float(len(s.models)))
+    pending = _gauge("queue_pending", "Models with a checkpoint waiting for a worker.", [])
+    pending.add_metric([], float(s.queue_pending))
+    up = _gauge("watcher_up", "1 when the folder watcher thread is alive.", ["root"])
+    polling = _gauge("watcher_polling", "1 when the folder is polled instead of inotify.",
+                     ["root"])
+    for root, w in sorted(s.watchers.items()):
+        up.add_metric([root], 1.0 if w.up else 0.0)
+        polling.add_metric([root], 1.0 if w.polling else 0.0)
+    restarts = CounterMetricFamily(P + "watcher_restarts", "Dead watcher threads restarted.")
+    restarts.add_metric([], float(s.watcher_restarts))
+    return [build, analyses, errors, watched, pending, up, restarts, polling]
+
+
+class SnapshotCollector(Collector):
+    def __init__(self, store: Store):
+        self._store = store
+        self._lock = threading.Lock()
+        self._cached: tuple[int, list[Metric]] = (-1, [])
+
+    def describe(self) -> list[Metric]:
+        return []  # no collect() at registration; the names are dynamic anyway
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self._store.snapshot
+        yield from exporter_families(snap)
+        yield from self._models(snap)
+
+    def _models(self, snap: Snapshot) -> list[Metric]:
+        version, families = self._cached
+        if version == snap.models_version:
+            return families
+        with self._lock:  # one scrape builds, concurrent ones wait and reuse
+            if self._cached[0] != snap.models_version:
+                views = [snap.models[k] for k in sorted(snap.models)]
+                self._cached = (snap.models_version, model_families(views))
+            return self._cached[1]

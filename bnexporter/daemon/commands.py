@@ -1,0 +1,168 @@
+"""``bnexporter run``, ``check-config`` and ``demo``: argument parsing and the
+main thread's signal loop (SIGHUP reloads, SIGTERM/SIGINT stop, exit 0)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import time
+from typing import Any
+
+import yaml
+
+from .config import DEFAULT_LISTEN, LOG_LEVELS, WATCH_MODES
+from .validate import ConfigError, Overrides, load_config
+
+EXIT_OK, EXIT_CONFIG = 0, 2
+_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def add_subcommands(sub: Any) -> None:
+    run = sub.add_parser("run", help="watch checkpoint folders and serve Prometheus metrics",
+                         description="Watch checkpoint folders and serve Prometheus metrics. "
+                         "Flags override the config file.")
+    run.add_argument("--config", metavar="FILE", help="YAML configuration (see "
+                     "config.example.yaml); SIGHUP or POST /-/reload re-reads it")
+    run.add_argument("--watch", action="append", default=[], metavar="[NAME=]DIR",
+                     help="a model folder (name: the folder's name), or a root with a "
+                     "{model} placeholder; repeatable")
+    run.add_argument("--listen", metavar="HOST:PORT",
+                     help=f"HTTP address (default {DEFAULT_LISTEN})")
+    run.add_argument("--poll-interval", type=float, metavar="S",
+                     help="seconds between polls where polling is used (default 10)")
+    run.add_argument("--watch-mode", choices=WATCH_MODES,
+                     help="auto: polling on network/FUSE filesystems, inotify elsewhere")
+    run.add_argument("--log-level", choices=LOG_LEVELS, help="default info")
+    run.add_argument("--shard", metavar="I/N", help="watch only the models whose name hashes "
+                     "to shard I of N (0-based)")
+    run.add_argument("--bn-only", action="store_const", const=True, default=None,
+                     help="analyse BatchNorm layers only (skip the full tensor scan)")
+    run.add_argument("--workers", type=int, metavar="N", help="parallel analyses (default 1)")
+
+    check = sub.add_parser("check-config", help="validate a configuration file and print "
+                           "the effective configuration")
+    check.add_argument("file", metavar="FILE")
+
+    demo = sub.add_parser("demo", help="write a synthetic training run and export it")
+    demo.add_argument("--duration", type=float, default=0.0, metavar="S",
+                      help="stop after S seconds (default: run until Ctrl-C)")
+    demo.add_argument("--interval", type=float, default=3.0, metavar="S",
+                      help="seconds between checkpoints (default 3)")
+    demo.add_argument("--listen", default=None, metavar="HOST:PORT",
+                      help=f"HTTP address (default {DEFAULT_LISTEN}; a free port if taken)")
+    demo.add_argument("--dir", metavar="DIR",
+                      help="write checkpoints here instead of a temporary folder (kept)")
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    if args.command == "run":
+        return run(args)
+    if args.command == "check-config":
+        return check_config(args.file)
+    if args.command == "demo":
+        from .demo import run_demo
+
+        return run_demo(args)
+    raise SystemExit(f"bnexporter: unknown command {args.command!r}")
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: "
+                        "%(message)s", datefmt="%Y-%m-%dT%H:%M:%S")
+    logging.getLogger("bnexporter").setLevel(level.upper())
+
+
+def overrides_from(args: argparse.Namespace) -> Overrides:
+    return Overrides(watch=list(args.watch), listen=args.listen,
+                     poll_interval=args.poll_interval, log_level=args.log_level,
+                     shard=args.shard, bn_only=args.bn_only, watch_mode=args.watch_mode,
+                     workers=args.workers)
+
+
+def run(args: argparse.Namespace) -> int:
+    overrides = overrides_from(args)
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as exc:
+        print(f"bnexporter: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    setup_logging(cfg.log_level)
+    return serve(cfg, args.config, overrides)
+
+
+def serve(cfg: Any, config_path: str | None, overrides: Overrides | None,
+          ready: Any = None) -> int:
+    """Run a daemon in this process until SIGTERM/SIGINT; ``ready(daemon)`` after start."""
+    from .daemon import Daemon
+
+    waiter = SignalWaiter()  # before any thread exists, so all inherit the mask
+    try:
+        daemon = Daemon(cfg, config_path, overrides)
+    except OSError as exc:
+        waiter.restore()
+        print(f"bnexporter: cannot listen on {cfg.listen}: {exc.strerror or exc}",
+              file=sys.stderr)
+        return EXIT_CONFIG
+    daemon.start()
+    if ready is not None:
+        ready(daemon)
+    log = logging.getLogger("bnexporter")
+    try:
+        while True:
+            sig = waiter.wait(1.0)
+            if sig == signal.SIGHUP:
+                log.info("SIGHUP: reloading the configuration")
+                daemon.reload()
+            elif sig is not None:
+                log.info("%s: stopping", signal.Signals(sig).name)
+                break
+    finally:
+        daemon.stop()
+        waiter.restore()
+    return EXIT_OK
+
+
+class SignalWaiter:
+    """Signals are taken synchronously in the main thread (``sigtimedwait``), so
+    no handler ever runs in the middle of a lock held by the interrupted code."""
+
+    def __init__(self) -> None:
+        self._sync = hasattr(signal, "sigtimedwait") and hasattr(signal, "pthread_sigmask")
+        self._got: list[int] = []
+        if self._sync:
+            self._old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+        else:  # pragma: no cover - non-Linux fallback
+            self._old = {s: signal.signal(s, lambda n, _f: self._got.append(n))
+                         for s in _SIGNALS}
+
+    def wait(self, timeout: float) -> int | None:
+        if self._sync:
+            info = signal.sigtimedwait(_SIGNALS, timeout)
+            return info.si_signo if info is not None else None
+        time.sleep(min(timeout, 0.2))  # pragma: no cover
+        return self._got.pop(0) if self._got else None  # pragma: no cover
+
+    def restore(self) -> None:
+        if self._sync:
+            signal.pthread_sigmask(signal.SIG_SETMASK, self._old_mask)
+        else:  # pragma: no cover
+            for s, handler in self._old.items():
+                signal.signal(s, handler)
+
+
+def check_config(path: str) -> int:
+    try:
+        cfg = load_config(path)
+    except ConfigError as exc:
+        print(f"bnexporter: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    from .models import targets
+
+    found = targets(cfg)
+    print(f"# {path}: valid. Effective configuration (defaults filled in):")
+    sys.stdout.write(yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=False))
+    names = ", ".join(sorted(found)) or "none yet"
+    print(f"# models this replica (shard {cfg.shard[0]}/{cfg.shard[1]}) watches now: {names}")
+    return EXIT_OK

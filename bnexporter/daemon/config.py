@@ -1,0 +1,139 @@
+"""The daemon's effective configuration as immutable values.
+
+Parsing and validation live in ``validate.py``; this module only says what a
+valid configuration *is*, so the rest of the daemon never sees raw YAML.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ..analysis import Thresholds
+from ..consumers import ConsumerRules
+from ..scan import ScanOptions
+
+# 9100-9999 is fully allocated on the Prometheus wiki's port list; see docs/daemon.md.
+DEFAULT_PORT = 10842
+DEFAULT_LISTEN = f"0.0.0.0:{DEFAULT_PORT}"
+WATCH_MODES = ("auto", "inotify", "poll")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+ISOLATIONS = ("process", "thread")
+PLACEHOLDER = "{model}"
+# every format the readers understand; TF bundles are found through their .index
+DEFAULT_PATTERNS = ("*.h5", "*.hdf5", "*.keras", "*.pt", "*.pth", "*.ckpt", "*.bin",
+                    "*.safetensors", "*.npz", "*.index")
+
+
+@dataclass(frozen=True)
+class MetricOptions:
+    """Cardinality controls for one model's series."""
+
+    per_layer: bool = True
+    layer_include: str | None = None  # regex (search) on the layer name
+    layer_exclude: str | None = None
+    max_layers: int = 0               # 0: no cap; else keep the K worst layers
+    per_tensor: bool = False
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """Settings that can be set globally and overridden per model."""
+
+    patterns: tuple[str, ...] = DEFAULT_PATTERNS
+    bn_only: bool = False
+    step_regex: str | None = None
+    eps: float | None = None
+    thresholds: Thresholds = field(default_factory=Thresholds)
+    consumer_rules: tuple[tuple[str, str], ...] = ()
+    presets: tuple[str, ...] = ("auto",)
+    metrics: MetricOptions = field(default_factory=MetricOptions)
+    backfill: bool = False
+
+    def scan_options(self) -> ScanOptions:
+        rules = ConsumerRules(rules=list(self.consumer_rules), presets=list(self.presets))
+        return ScanOptions(thresholds=self.thresholds, consumers=rules, bn_only=self.bn_only,
+                           step_regex=self.step_regex, eps=self.eps)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One ``models:`` entry: a named folder, or a ``{model}`` template."""
+
+    index: int
+    path: str                  # absolute; contains {model} for a template
+    name: str | None           # None for a template (names are discovered)
+    analysis: Analysis
+    watch: str | None = None   # per-model override of the watch mode
+    origin: str = "models"     # "models" or "--watch" (for messages)
+
+    @property
+    def template(self) -> bool:
+        return PLACEHOLDER in self.path
+
+    def template_parts(self) -> tuple[str, str]:
+        """(base folder, suffix inside each model folder) of a template."""
+        base, _, rest = self.path.partition(PLACEHOLDER)
+        return base.rstrip(os.sep) or os.sep, rest.strip(os.sep)
+
+
+@dataclass(frozen=True)
+class Retry:
+    initial_delay: float = 2.0
+    max_delay: float = 60.0
+    max_attempts: int = 10
+    give_up_after: float = 600.0
+
+
+@dataclass(frozen=True)
+class Config:
+    source: str | None = None
+    listen: str = DEFAULT_LISTEN
+    log_level: str = "info"
+    watch: str = "auto"
+    poll_interval: float = 10.0
+    rescan_interval: float = 300.0
+    settle_seconds: float = 2.0
+    workers: int = 1
+    analysis_timeout: float = 900.0
+    isolation: str = "process"
+    retry: Retry = field(default_factory=Retry)
+    shard: tuple[int, int] = (0, 1)
+    analysis: Analysis = field(default_factory=Analysis)
+    models: tuple[ModelSpec, ...] = ()
+
+    def watch_mode(self, spec: ModelSpec) -> str:
+        return spec.watch or self.watch
+
+    def to_dict(self) -> dict[str, Any]:
+        """The effective configuration, in the YAML file's own shape."""
+        out: dict[str, Any] = {
+            "listen": self.listen, "log_level": self.log_level, "watch": self.watch,
+            "poll_interval": self.poll_interval, "rescan_interval": self.rescan_interval,
+            "settle_seconds": self.settle_seconds, "workers": self.workers,
+            "analysis_timeout": self.analysis_timeout, "isolation": self.isolation,
+            "retry": asdict(self.retry), "shard": f"{self.shard[0]}/{self.shard[1]}",
+        }
+        out.update(analysis_dict(self.analysis))
+        models = []
+        for spec in self.models:
+            entry: dict[str, Any] = {}
+            if spec.name is not None:
+                entry["name"] = spec.name
+            entry["path"] = spec.path
+            entry["watch"] = self.watch_mode(spec)
+            entry.update(analysis_dict(spec.analysis))
+            models.append(entry)
+        out["models"] = models
+        return out
+
+
+def analysis_dict(a: Analysis) -> dict[str, Any]:
+    return {
+        "backfill": a.backfill, "patterns": list(a.patterns), "bn_only": a.bn_only,
+        "step_regex": a.step_regex, "eps": a.eps, "thresholds": asdict(a.thresholds),
+        "consumers": {"rules": {p: c for p, c in a.consumer_rules},
+                      "presets": list(a.presets)},
+        "metrics": asdict(a.metrics),
+    }

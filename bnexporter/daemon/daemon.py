@@ -1,0 +1,91 @@
+"""Wire the parts together: store, planner, workers, watchers, HTTP; reload; stop."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+from prometheus_client import CollectorRegistry
+
+from .collector import SnapshotCollector
+from .config import Config
+from .models import watch_roots
+from .planner import Planner
+from .state import Store
+from .validate import ConfigError, Overrides, load_config, parse_listen
+from .watch import Watchers
+from .web import App, HTTPServer
+from .worker import Runner, WorkerPool
+
+log = logging.getLogger("bnexporter")
+
+
+def set_log_level(level: str) -> None:
+    logging.getLogger("bnexporter").setLevel(level.upper())
+
+
+class Daemon:
+    def __init__(self, cfg: Config, config_path: str | None = None,
+                 overrides: Overrides | None = None):
+        self.cfg = cfg
+        self.config_path = config_path
+        self.overrides = overrides
+        self.store = Store()
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(SnapshotCollector(self.store))
+        self.planner = Planner(cfg, self.store)
+        self.runner = Runner(cfg.isolation, cfg.analysis_timeout, self.planner.stop_event)
+        self.pool = WorkerPool(cfg.workers, self.planner.take, self.planner.done, self.runner)
+        self.watchers = Watchers(self.store, self.planner.notify, self.planner.rescan,
+                                 cfg.poll_interval)
+        hooks = None
+        if os.environ.get("BNEXPORTER_TEST_HOOKS") == "1":
+            hooks = {"crash-watcher": lambda: " ".join(self.watchers.crash()) or "none"}
+        host, port = parse_listen(cfg.listen)
+        self.http = HTTPServer(host, port, App(self.store, self.registry, self.reload, hooks))
+        self._reload_lock = threading.Lock()
+
+    @property
+    def url(self) -> str:
+        host, _ = parse_listen(self.cfg.listen)
+        shown = "localhost" if host in ("0.0.0.0", "::", "") else host
+        shown = f"[{shown}]" if ":" in shown else shown
+        return f"http://{shown}:{self.http.port}/"
+
+    def start(self) -> None:
+        self.http.start()
+        log.info("listening on %s (metrics at %smetrics)", self.url, self.url)
+        # watchers first: events that arrive while the planner lists folders are queued
+        self.watchers.set_roots(watch_roots(self.cfg), self.cfg.poll_interval)
+        self.watchers.start()
+        self.planner.start()
+        self.pool.start()
+
+    def reload(self) -> tuple[bool, str]:
+        """Re-read the configuration; on any error keep running with the old one."""
+        with self._reload_lock:
+            try:
+                cfg = load_config(self.config_path, self.overrides)
+            except ConfigError as exc:
+                log.error("reload failed, keeping the previous configuration: %s", exc)
+                return False, f"reload failed: {exc}"
+            for key in ("listen", "workers", "isolation"):
+                if getattr(cfg, key) != getattr(self.cfg, key):
+                    log.warning("reload: %s changed; it takes effect after a restart", key)
+            self.runner.timeout = cfg.analysis_timeout
+            set_log_level(cfg.log_level)
+            self.planner.reconfigure(cfg).wait(30)
+            self.watchers.set_roots(watch_roots(cfg), cfg.poll_interval)
+            self.cfg = cfg
+            n = len(self.store.snapshot.models)
+            log.info("configuration reloaded: %d models", n)
+            return True, f"reloaded: {n} models watched"
+
+    def stop(self) -> None:
+        """Stop within a few seconds even mid-analysis (children are killed)."""
+        self.planner.stop()
+        self.watchers.stop()
+        self.pool.join(3.0)
+        self.planner.join(1.0)
+        self.http.stop()

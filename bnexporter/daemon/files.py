@@ -1,0 +1,126 @@
+"""Which files in a model folder are checkpoints, and in what order they came.
+
+A TF bundle (``prefix.index`` + ``prefix.data-*`` shards, announced by the
+``checkpoint`` state file) is one unit: its ``.index`` is the candidate, its
+signature covers every shard, and where a state file exists only the prefix it
+names counts (older prefixes are history, partial saves are not announced yet).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from ..steps import step_from_name
+
+MAX_DEPTH = 3  # model folder + 2 levels (HF "checkpoint-500/", Lightning "checkpoints/")
+_DATA_SHARD = re.compile(r"\.data-\d+-of-\d+$")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    path: str
+    sig: tuple[int, ...]   # changes whenever any byte of the unit may have changed
+    mtime: float           # newest mtime of the unit's files
+    step: int | None       # from the name (or step_regex)
+
+
+def ignored_file(name: str) -> bool:
+    """Temporary and partial files that writers rename or delete later."""
+    return (name.startswith((".", "tmp")) or name.endswith((".tmp", ".partial", ".incomplete",
+                                                             ".lock", ".swp"))
+            or ".tempstate" in name or bool(_DATA_SHARD.search(name)))
+
+
+def ignored_dir(name: str) -> bool:
+    """TF writes shards into ``<prefix>_temp/``; Keras/Lightning use ``tmp*``."""
+    return name.startswith((".", "tmp")) or name.endswith("_temp") or name == "__pycache__"
+
+
+def ignored_path(path: str, folder: str) -> bool:
+    """True when any component of ``path`` below ``folder`` is temporary."""
+    rel = os.path.relpath(path, folder)
+    if rel.startswith(".."):
+        return False
+    parts = rel.split(os.sep)
+    return any(ignored_dir(p) for p in parts[:-1]) or ignored_file(parts[-1])
+
+
+def _newest_tf_prefix(folder: str) -> str | None:
+    try:  # optional: TF bundles are supported only when their reader is present
+        from ..formats.tf_bundle import newest_prefix
+    except ImportError:
+        return None
+    return newest_prefix(folder)
+
+
+def _tf_unit(entries: dict[str, os.DirEntry[str]], index: os.DirEntry[str]) -> tuple[
+        tuple[int, ...], float]:
+    prefix = index.name[: -len(".index")]
+    sig: list[int] = []
+    newest = 0.0
+    for name in sorted(n for n in entries if n == index.name or n.startswith(prefix + ".data-")):
+        st = entries[name].stat()
+        sig += [st.st_size, st.st_mtime_ns]
+        newest = max(newest, st.st_mtime)
+    return tuple(sig), newest
+
+
+def list_candidates(folder: str, patterns: Iterable[str], step_regex: str | None = None,
+                    max_depth: int = MAX_DEPTH) -> list[Candidate]:
+    """Every checkpoint unit under ``folder`` (files that vanish mid-walk are skipped)."""
+    pats = tuple(patterns)
+    out: list[Candidate] = []
+    stack = [(folder, 1)]
+    while stack:
+        current, depth = stack.pop()
+        try:
+            with os.scandir(current) as it:
+                entries = {e.name: e for e in it}
+        except OSError:
+            continue
+        tf_keep: str | None = None
+        if "checkpoint" in entries:
+            prefix = _newest_tf_prefix(current)
+            tf_keep = os.path.basename(prefix) + ".index" if prefix else ""
+        for name, entry in entries.items():
+            try:
+                if entry.is_dir():
+                    if depth < max_depth and not ignored_dir(name):
+                        stack.append((entry.path, depth + 1))
+                    continue
+                if ignored_file(name) or not any(fnmatch.fnmatchcase(name, p) for p in pats):
+                    continue
+                if name.endswith(".index"):
+                    if tf_keep is not None and name != tf_keep:
+                        continue
+                    sig, mtime = _tf_unit(entries, entry)
+                else:
+                    st = entry.stat()
+                    sig, mtime = (st.st_size, st.st_mtime_ns), st.st_mtime
+            except OSError:
+                continue
+            out.append(Candidate(entry.path, sig, mtime, step_from_name(entry.path, step_regex)))
+    return out
+
+
+def stat_candidate(c: Candidate) -> Candidate | None:
+    """The same unit re-read from disk (None when it is gone)."""
+    folder = os.path.dirname(c.path)
+    try:
+        with os.scandir(folder) as it:
+            entries = {e.name: e for e in it}
+        entry = entries.get(os.path.basename(c.path))
+        if entry is None:
+            return None
+        if c.path.endswith(".index"):
+            sig, mtime = _tf_unit(entries, entry)
+        else:
+            st = entry.stat()
+            sig, mtime = (st.st_size, st.st_mtime_ns), st.st_mtime
+    except OSError:
+        return None
+    return Candidate(c.path, sig, mtime, c.step)

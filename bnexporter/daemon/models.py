@@ -1,0 +1,95 @@
+"""From configuration to the concrete set of models this replica watches.
+
+A named folder is one model. A ``{model}`` template's models are the
+subfolders of its base (with the template's suffix inside them) that exist
+right now; they are re-listed on events and on every rescan. With ``shard: I/N``
+only the models whose name hashes to I are kept.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+from .config import Analysis, Config, ModelSpec
+from .files import ignored_dir
+from .policy import owned
+
+log = logging.getLogger("bnexporter.models")
+
+
+@dataclass(frozen=True)
+class Target:
+    """One concrete model: a name, a folder and its effective settings."""
+
+    name: str
+    folder: str
+    analysis: Analysis
+    spec_index: int  # the ModelSpec it came from
+
+
+def discover(spec: ModelSpec) -> dict[str, str]:
+    """name -> folder for a template's current subfolders."""
+    base, suffix = spec.template_parts()
+    found: dict[str, str] = {}
+    try:
+        with os.scandir(base) as it:
+            entries = [e for e in it if not ignored_dir(e.name)]
+    except OSError:
+        return found
+    for entry in entries:
+        try:
+            if not entry.is_dir():
+                continue
+        except OSError:
+            continue
+        folder = os.path.join(entry.path, suffix) if suffix else entry.path
+        if suffix and not os.path.isdir(folder):
+            continue
+        found[entry.name] = folder
+    return found
+
+
+def targets(cfg: Config) -> dict[str, Target]:
+    """Every model of ``cfg`` this shard owns; static names win over discovered ones."""
+    out: dict[str, Target] = {}
+    for spec in cfg.models:
+        if spec.template or spec.name is None or not owned(spec.name, cfg.shard):
+            continue
+        out[spec.name] = Target(spec.name, spec.path, spec.analysis, spec.index)
+    for spec in cfg.models:
+        if spec.template:
+            out.update(template_targets(cfg, spec, out))
+    return out
+
+
+def template_targets(cfg: Config, spec: ModelSpec, taken: dict[str, Target]
+                     ) -> dict[str, Target]:
+    found: dict[str, Target] = {}
+    for name, folder in discover(spec).items():
+        if not owned(name, cfg.shard):
+            continue
+        other = taken.get(name)
+        if other is not None and other.spec_index != spec.index:
+            log.debug("%s: model name %r already used by models[%d]; skipped",
+                      folder, name, other.spec_index)
+            continue
+        found[name] = Target(name, folder, spec.analysis, spec.index)
+    return found
+
+
+def watch_roots(cfg: Config) -> dict[str, str]:
+    """Folder to observe -> watch mode (auto|inotify|poll); templates watch their base."""
+    roots: dict[str, str] = {}
+    for spec in cfg.models:
+        if spec.template:
+            root = spec.template_parts()[0]
+        elif spec.name is not None and owned(spec.name, cfg.shard):
+            root = spec.path
+        else:
+            continue
+        mode = cfg.watch_mode(spec)
+        if roots.get(root) != "poll":  # two entries disagree: polling sees everything
+            roots[root] = mode
+    return roots
