@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 
 from prometheus_client import CollectorRegistry
 
@@ -84,8 +85,13 @@ class Daemon:
 
     def stop(self) -> None:
         """Stop within a few seconds even mid-analysis (children are killed)."""
+        t0 = time.monotonic()
         self.planner.stop()
         self.watchers.stop()
+        t1 = time.monotonic()
         self.pool.join(3.0)
+        t2 = time.monotonic()
         self.planner.join(1.0)
         self.http.stop()
+        log.debug("stopped: watchers %.2f s, workers %.2f s, rest %.2f s", t1 - t0, t2 - t1,
+                  time.monotonic() - t2)

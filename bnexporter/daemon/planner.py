@@ -411,7 +411,8 @@ class Planner:
         errors = dict(m.view.errors)
         errors[reason] = errors.get(reason, 0) + 1
         tries = f" after {state.attempts} attempts" if state.attempts > 1 else ""
-        log.warning("model %s: giving up on %s%s: %s [%s]", m.name, cand.path, tries, message,
+        cause = message.removeprefix(cand.path + ": ")
+        log.warning("model %s: giving up on %s%s: %s [%s]", m.name, cand.path, tries, cause,
                     reason)
         self._set_view(m, up=False, error=message, errors=frozen(errors))
 

@@ -1,0 +1,127 @@
+"""The collector against docs/metrics-contract.md, its cardinality options, the landing page."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import replace
+
+import pytest
+from daemon_support import ROOT, Scrape
+from prometheus_client import CollectorRegistry, generate_latest
+
+from bnexporter.daemon import landing
+from bnexporter.daemon.collector import SnapshotCollector, select_layers
+from bnexporter.daemon.config import MetricOptions
+from bnexporter.daemon.demo import write_checkpoint
+from bnexporter.daemon.state import ModelView, Store, WatcherView, frozen
+from bnexporter.report import LayerReport
+from bnexporter.scan import analyse_path
+
+CONTRACT = ROOT / "docs" / "metrics-contract.md"
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "ckpt-3000.h5"
+    write_checkpoint(str(path), 3000)
+    r = analyse_path(str(path))
+    assert r.ok and r.summary.dead > 0
+    return r
+
+
+def _scrape(store: Store) -> Scrape:
+    reg = CollectorRegistry()
+    reg.register(SnapshotCollector(store))
+    return Scrape(generate_latest(reg).decode())
+
+
+def _store(*views: ModelView) -> Store:
+    store = Store()
+    store.set_models({v.name: v for v in views})
+    store.set_watchers({"/ckpt": WatcherView("/ckpt", True, False)})
+    return store
+
+
+def test_every_contract_name_and_nothing_else(report):
+    contract = set(re.findall(r"\bbnexporter_[a-z_]+[a-z]", CONTRACT.read_text()))
+    full = MetricOptions(per_tensor=True)
+    ok = ModelView("good", "/ckpt/good", full, report=report, analysed_at=1.0)
+    bad = ModelView("bad", "/ckpt/bad", full, report=report, analysed_at=1.0, up=False,
+                    errors=frozen({"truncated": 1}))
+    s = _scrape(_store(ok, bad))
+    exposed = {name for (name, _) in s.samples}
+    assert exposed == contract, (sorted(contract - exposed), sorted(exposed - contract))
+    for name, kind in s.types.items():  # counters are exactly the *_total names
+        assert (kind == "counter") == (name + "_total" in contract), name
+
+
+def test_values_match_the_report(report):
+    view = ModelView("m", "/ckpt/m", MetricOptions(), report=report, analysed_at=123.0)
+    s = _scrape(_store(view))
+    summary = report.summary
+    assert s.get("bnexporter_model_dead_channels", model="m") == summary.dead
+    assert s.get("bnexporter_model_dead_ratio", model="m") == pytest.approx(summary.dead_ratio)
+    assert s.get("bnexporter_model_checkpoint_step", model="m") == 3000
+    assert s.get("bnexporter_model_checkpoint_timestamp_seconds", model="m") == report.mtime
+    assert s.get("bnexporter_model_last_analysis_timestamp_seconds", model="m") == 123.0
+    for layer in report.bn_layers:
+        assert s.get("bnexporter_layer_dead_ratio", model="m", layer=layer.name) == \
+            pytest.approx(layer.dead_ratio)
+    assert s.get("bnexporter_layer_info", model="m", layer="bn4", consumer="add",
+                 consumer_source="config") == 1
+    assert not s.series("bnexporter_tensor_nonfinite_ratio")  # opt-in
+    assert s.get("bnexporter_errors_total", reason="timeout") == 0  # pre-created
+    assert s.get("bnexporter_watcher_up", root="/ckpt") == 1
+
+
+def test_per_layer_off_keeps_model_totals(report):
+    view = ModelView("m", "/x", MetricOptions(per_layer=False), report=report)
+    s = _scrape(_store(view))
+    assert not s.series("bnexporter_layer_dead_channels")
+    assert s.get("bnexporter_model_dead_channels", model="m") == report.summary.dead
+
+
+def _layer(name: str, dead: int, near: int = 0) -> LayerReport:
+    return LayerReport(name, 10, 1e-3, "config", "relu", "config", list(range(dead)),
+                       list(range(dead, dead + near)), [], [], [], [])
+
+
+def test_include_exclude_and_top_k_worst(report):
+    layers = [_layer("a.bn", 1), _layer("b.bn", 5), _layer("aux.bn", 9), _layer("c.bn", 0, 3),
+              _layer("d.bn", 5, 1)]
+    r = replace(report, bn_layers=layers)
+    names = lambda opts: [x.name for x in select_layers(r, opts)]  # noqa: E731
+    assert names(MetricOptions()) == ["a.bn", "b.bn", "aux.bn", "c.bn", "d.bn"]
+    assert names(MetricOptions(layer_exclude="^aux")) == ["a.bn", "b.bn", "c.bn", "d.bn"]
+    assert names(MetricOptions(layer_include=r"^[ab]\.")) == ["a.bn", "b.bn"]
+    # the 2 worst (most dead, then near-dead), kept in file order
+    assert names(MetricOptions(max_layers=2, layer_exclude="^aux")) == ["b.bn", "d.bn"]
+
+
+def test_removed_model_stops_being_exported(report):
+    store = _store(ModelView("gone", "/x", MetricOptions(), report=report))
+    assert "gone" in _scrape(store).models()
+    store.set_models({"gone": None})
+    s = _scrape(store)
+    assert not any(dict(lbl).get("model") == "gone" for (_, lbl) in s.samples)
+    assert s.get("bnexporter_models_watched") == 0
+
+
+def test_describe_is_empty():
+    assert SnapshotCollector(Store()).describe() == []
+
+
+def test_landing_page_escapes_names_and_draws_bars(report):
+    evil = '<script>alert("x")</script>'
+    layers = [replace(report.bn_layers[0], name='bn"><img src=x onerror=1>')]
+    view = ModelView(evil, "/x", MetricOptions(),
+                     report=replace(report, bn_layers=layers + report.bn_layers[1:]),
+                     up=False, error="file <b>broken</b>")
+    page = landing.render(_store(view, ModelView("empty", "/y", MetricOptions())).snapshot,
+                          now=report.mtime + 10800)
+    assert "<script" not in page and "<img" not in page and "<b>broken" not in page
+    assert "&lt;script&gt;" in page and "bn&quot;&gt;&lt;img" in page
+    assert page.count("<svg") == 1  # the model without a result has no chart
+    assert page.count('fill="#b3261e"') == len(report.bn_layers)
+    assert "3 h" in page and "DOWN" in page and "no checkpoint analysed yet" in page
+    assert "http://" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "")
