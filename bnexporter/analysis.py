@@ -29,6 +29,8 @@ class Thresholds:
     constant_rel: float = 1e-3    # output std below this times |beta|: input-independent
     extreme: float = 1e5          # |w| > T huge, 0 < |w| < 1/T tiny (capped per dtype)
     dead_filter_rel: float = 1e-6  # filter norm below this times the median norm: dead
+    refine: bool = True           # refine p_active from producer kernels (refine.py)
+    refine_kernel_max: int = 1 << 24  # skip the refinement for larger producer kernels
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,9 @@ from .errors import CheckpointError
 from .formats import dtypes
 from .formats.base import DEFAULT_CHUNK_ELEMENTS, Reader, TensorInfo
 from .formats.detect import open_reader
+from .links import refine_layers
+from .refine import Refined
+from .refine import apply as apply_refined
 from .report import CheckpointReport, LayerReport, Summary, TensorReport, failed
 from .steps import step_from_name
 
@@ -64,7 +67,9 @@ def _analyse(reader: Reader, opts: ScanOptions, progress: Progress | None) -> Ch
         layers = discover(reader, opts.consumers, opts.eps)
     except (KeyError, ValueError, TypeError) as exc:
         raise reader.error(f"cannot group BatchNorm tensors: {exc}") from None
-    layer_reports = [_analyse_layer(reader, layer, th) for layer in layers]
+    refined = _refine(reader, layers, th) if th.refine else {}
+    layer_reports = [_analyse_layer(reader, layer, th, refined.get(layer.name))
+                     for layer in layers]
     bn_tensors = {t for layer in layers
                   for t in (layer.gamma, layer.beta, layer.mean, layer.var) if t}
     infos = reader.tensors()
@@ -88,10 +93,21 @@ def _analyse(reader: Reader, opts: ScanOptions, progress: Progress | None) -> Ch
         bn_layers=layer_reports, tensors=tensors, notes=list(reader.meta.notes))
 
 
-def _analyse_layer(reader: Reader, layer: BNLayer, th: Thresholds) -> LayerReport:
+def _refine(reader: Reader, layers: list[BNLayer], th: Thresholds) -> dict[str, Refined]:
+    """Refined estimates for the layers whose producer is known (refine.py)."""
+    try:
+        return refine_layers(reader, layers, th.refine_kernel_max)
+    except (KeyError, ValueError, TypeError, IndexError, CheckpointError):
+        return {}  # the plain estimate stands
+
+
+def _analyse_layer(reader: Reader, layer: BNLayer, th: Thresholds,
+                   refined: Refined | None = None) -> LayerReport:
     read = lambda name: None if name is None else reader.read(name)  # noqa: E731
     res = classify_channels(read(layer.gamma), read(layer.beta), read(layer.mean),
                             read(layer.var), layer.eps, layer.consumer, th)
+    if refined is not None and refined.p_active.shape == res.p_active.shape:
+        res = apply_refined(res, refined, layer.consumer, th)
     finite = res.p_active[np.isfinite(res.p_active)]
     return LayerReport(
         name=layer.name, channels=layer.channels, eps=layer.eps, eps_source=layer.eps_source,

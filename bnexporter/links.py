@@ -1,0 +1,327 @@
+"""Where each BatchNorm's input comes from: its producing kernel and what feeds it.
+
+The plain estimate sees only a BN's four vectors. The refined one (refine.py)
+also needs the conv / dense kernel that computes the BN input and a description
+of that kernel's own input: which upstream BN outputs, through which
+activations and sums. Keras configs state this exactly; PyTorch state_dicts
+only by naming convention, so the torch rules are deliberately narrow and
+return None whenever the wiring is not certain. None always means "use the
+plain Gaussian estimate", never a guess.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import refine
+from .discovery import BNLayer, _k3_paths
+from .formats.base import Reader
+from .keras_graph import KerasGraph, LayerSpec
+
+_MAX_DEPTH = 24  # feed trees deeper than this (long residual chains) are dropped
+
+
+@dataclass(frozen=True)
+class Feed:
+    """What a producer reads, channel by channel.
+
+    ``op`` is ``bn`` (the output of BN layer ``bn``), ``relu`` / ``relu6`` (the
+    activation of ``args[0]``), ``add`` (the sum of ``args``) or ``maxpool``
+    (a max over a window of ``args[0]``: keeps the range, not the moments).
+    """
+
+    op: str
+    bn: str | None = None
+    args: tuple[Feed, ...] = ()
+
+    def bns(self) -> set[str]:
+        """Every BN this feed reads (to order the refinement upstream first)."""
+        out = {self.bn} if self.bn else set()
+        for a in self.args:
+            out |= a.bns()
+        return out
+
+
+@dataclass(frozen=True)
+class Link:
+    """The producer of one BN's input.
+
+    ``layout`` says how to read the kernel: ``keras`` (..., in, out), ``keras_dw``
+    (kh, kw, in, multiplier), ``torch`` (out, in / groups, ...). ``groups`` is
+    the conv's group count (0 when unknown: then no feed is used).
+    """
+
+    bn: str
+    kernel: str
+    layout: str
+    groups: int
+    bias: str | None = None
+    feed: Feed | None = None
+
+
+def find_links(reader: Reader, layers: list[BNLayer]) -> dict[str, Link]:
+    """Links for the BN layers whose producer is certain; others are absent."""
+    try:
+        if reader.meta.model_config:
+            return _keras_links(reader, layers, KerasGraph(reader.meta.model_config))
+        if reader.meta.framework == "torch":
+            return _torch_links(reader, layers)
+    except (KeyError, ValueError, TypeError, IndexError):
+        return {}
+    return {}
+
+
+def refine_layers(reader: Reader, layers: list[BNLayer],
+                  kernel_max: int = 1 << 24) -> dict[str, refine.Refined]:
+    """Read what the refinement needs (BN vectors, producer kernels) and run it.
+
+    Kernels larger than ``kernel_max`` elements are not read: their layers keep
+    the plain estimate, so a BN-only scan of a huge model stays cheap.
+    """
+    links = find_links(reader, layers)
+    if not links:
+        return {}
+    read = lambda name: None if name is None else reader.read(name)  # noqa: E731
+    params = {layer.name: refine.BNParams.of(read(layer.gamma), read(layer.beta),
+                                             read(layer.mean), read(layer.var), layer.eps)
+              for layer in layers}
+    producers: dict[str, refine.Producer] = {}
+    for name, link in links.items():
+        if link.feed is None or link.groups <= 0:
+            continue
+        info = reader.info(link.kernel)
+        if info.size > kernel_max:
+            continue
+        w = refine.kernel_matrix(reader.read_array(link.kernel), link.layout)
+        bias = None if link.bias is None else np.asarray(reader.read(link.bias), np.float64)
+        producers[name] = refine.Producer(link, w, bias)
+    return refine.refine_network(params, producers)
+
+
+# -- Keras: follow the config graph ------------------------------------------------
+
+_KERAS_KERNELS = {"Conv1D", "Conv2D", "Conv3D", "Convolution1D", "Convolution2D",
+                  "Convolution3D", "Dense", "DepthwiseConv1D", "DepthwiseConv2D"}
+# inference-time identities: a channel's values pass unchanged
+_KERAS_IDENTITY = re.compile(
+    r"^(Dropout|SpatialDropout\dD|GaussianNoise|GaussianDropout|AlphaDropout|Identity|"
+    r"ActivityRegularization|ZeroPadding\dD)$")
+_KERAS_MAXPOOL = re.compile(r"^(MaxPooling\dD|MaxPool\dD)$")
+
+
+def _keras_vars(reader: Reader, graph: KerasGraph) -> dict[str, dict[str, str]]:
+    """Layer name -> {variable: tensor name} for kernels and biases."""
+    names = {info.name for info in reader.tensors()
+             if info.name not in reader.meta.auxiliary and not info.name.startswith("optimizer")}
+    out: dict[str, dict[str, str]] = {}
+    k3 = {**_k3_paths(graph), **getattr(reader, "k3_layer_names", {})}
+    for name in names:
+        m = re.match(r"^(.*)/vars/(\d+)$", name)
+        if m and m.group(1) in k3:
+            out.setdefault(k3[m.group(1)], {})[f"vars/{m.group(2)}"] = name
+            continue
+        parts = name.split("/")
+        if len(parts) >= 2:
+            var = parts[-1].split(":")[0]
+            if var in ("kernel", "depthwise_kernel", "bias"):
+                out.setdefault(parts[-2], {})[var] = name
+    return out
+
+
+def _keras_links(reader: Reader, layers: list[BNLayer], graph: KerasGraph) -> dict[str, Link]:
+    tensors = _keras_vars(reader, graph)
+    bn_names = {layer.name for layer in layers}
+    links: dict[str, Link] = {}
+    for layer in layers:
+        spec = graph.layers.get(layer.name)
+        if spec is None or len(spec.inputs) != 1:
+            continue
+        prod = graph.layers.get(spec.inputs[0])
+        if prod is None or prod.class_name not in _KERAS_KERNELS:
+            continue
+        act = prod.config.get("activation", "linear")
+        if act not in (None, "linear"):
+            continue
+        found = tensors.get(prod.name, {})
+        depthwise = prod.class_name.startswith("Depthwise")
+        kernel = (found.get("depthwise_kernel") if depthwise else None) or found.get("kernel") \
+            or found.get("vars/0")
+        if kernel is None:
+            continue
+        shape = reader.info(kernel).shape
+        bias = found.get("bias") or (found.get("vars/1")
+                                     if prod.config.get("use_bias", True) else None)
+        if bias is not None and reader.info(bias).shape != (layer.channels,):
+            bias = None
+        if prod.config.get("use_bias", True) and bias is None:
+            continue  # a bias we cannot find would shift the input unseen
+        if depthwise:
+            if shape[-2] * shape[-1] != layer.channels:
+                continue
+            groups, layout = shape[-2], "keras_dw"
+        else:
+            if shape[-1] != layer.channels:
+                continue
+            groups, layout = int(prod.config.get("groups", 1) or 1), "keras"
+        feed = None
+        if len(prod.inputs) == 1:
+            feed = _keras_feed(graph, prod.inputs[0], bn_names, 0)
+        links[layer.name] = Link(layer.name, kernel, layout, groups, bias, feed)
+    return links
+
+
+def _keras_feed(graph: KerasGraph, name: str, bns: set[str], depth: int) -> Feed | None:
+    spec = graph.layers.get(name)
+    if spec is None or depth > _MAX_DEPTH:
+        return None
+    if spec.is_model:
+        return _keras_model_output(graph, spec, bns, depth)
+    cls = spec.class_name
+    if "BatchNormalization" in cls:
+        return Feed("bn", name) if name in bns else None
+    if len(spec.inputs) == 0:
+        return None
+    kind = _keras_activation(spec)
+    if kind is not None:
+        if len(spec.inputs) != 1:
+            return None
+        inner = _keras_feed(graph, spec.inputs[0], bns, depth + 1)
+        if inner is None:
+            return None
+        return inner if kind == "linear" else Feed(kind, None, (inner,))
+    if cls == "Add":
+        terms = [_keras_feed(graph, s, bns, depth + 1) for s in spec.inputs]
+        if not terms or any(t is None for t in terms):
+            return None
+        return Feed("add", None, tuple(t for t in terms if t is not None))
+    if len(spec.inputs) != 1:
+        return None
+    if _KERAS_IDENTITY.match(cls):
+        return _keras_feed(graph, spec.inputs[0], bns, depth + 1)
+    if _KERAS_MAXPOOL.match(cls):
+        inner = _keras_feed(graph, spec.inputs[0], bns, depth + 1)
+        return None if inner is None else Feed("maxpool", None, (inner,))
+    return None
+
+
+def _keras_activation(spec: LayerSpec) -> str | None:
+    """relu / relu6 / linear for the activations the refinement models, else None."""
+    cls, cfg = spec.class_name, spec.config
+    if cls == "ReLU":
+        if float(cfg.get("negative_slope") or 0.0) or float(cfg.get("threshold") or 0.0):
+            return None
+        mv = cfg.get("max_value")
+        if mv is None:
+            return "relu"
+        return "relu6" if float(mv) == 6.0 else None
+    if cls == "Activation":
+        act = cfg.get("activation")
+        if isinstance(act, dict):
+            act = (act.get("config") or {}).get("name") if isinstance(
+                act.get("config"), dict) else act.get("class_name")
+        act = str(act or "").lower()
+        return act if act in ("relu", "relu6", "linear") else None
+    return None
+
+
+def _keras_model_output(graph: KerasGraph, spec: LayerSpec, bns: set[str],
+                        depth: int) -> Feed | None:
+    outs = graph._scope_outputs.get(spec.name, set())
+    if len(outs) != 1:
+        return None
+    return _keras_feed(graph, next(iter(outs)), bns, depth + 1)
+
+
+# -- PyTorch: torchvision-style module names ----------------------------------------
+
+def _torch_links(reader: Reader, layers: list[BNLayer]) -> dict[str, Link]:
+    order = [info.name for info in reader.tensors() if info.name not in reader.meta.auxiliary]
+    shapes = {info.name: info.shape for info in reader.tensors()}
+    modules = _module_order(order)
+    bn_by_module = {layer.name: layer for layer in layers}
+    links: dict[str, Link] = {}
+    for layer in layers:
+        conv = _torch_producer(layer.name, shapes)
+        if conv is None:
+            continue
+        kshape = shapes[f"{conv}.weight"]
+        if len(kshape) < 3 or kshape[0] != layer.channels:
+            continue
+        bias = f"{conv}.bias" if f"{conv}.bias" in shapes else None
+        if bias is not None and shapes[bias] != (layer.channels,):
+            continue
+        feed, groups = None, 0
+        up = _torch_upstream(conv, modules, bn_by_module)
+        # only an activated upstream: a linear BN output often also feeds a residual
+        # sum that the names do not show
+        if up is not None and up.consumer in ("relu", "relu6"):
+            per_group = kshape[1]
+            if up.channels % per_group == 0 and layer.channels % (up.channels // per_group) == 0:
+                groups = up.channels // per_group
+                feed = Feed(up.consumer, None, (Feed("bn", up.name),))
+        if feed is None and kshape[1] != 1:
+            groups = 1  # a plain conv; a (C, 1, k, k) kernel may be depthwise: unknown
+        links[layer.name] = Link(layer.name, f"{conv}.weight", "torch", groups, bias, feed)
+    return links
+
+
+def _module_order(names: list[str]) -> list[str]:
+    """Module paths in state_dict order (registration order: usually forward order)."""
+    seen: dict[str, None] = {}
+    for name in names:
+        if "." in name:
+            seen.setdefault(name.rsplit(".", 1)[0], None)
+    return list(seen)
+
+
+def _torch_producer(bn: str, shapes: dict[str, tuple[int, ...]]) -> str | None:
+    """``P.bnK`` <- ``P.convK``; ``P.bn`` <- ``P.conv``; ``S.i`` <- ``S.(i-1)``."""
+    parent, _, leaf = bn.rpartition(".")
+    pre = f"{parent}." if parent else ""
+    cands: list[str] = []
+    m = re.fullmatch(r"(bn|norm|batchnorm)(\d*)", leaf)
+    if m:
+        cands.append(f"{pre}conv{m.group(2)}")
+    if leaf.isdigit() and int(leaf) > 0:
+        cands.append(f"{pre}{int(leaf) - 1}")
+    for cand in cands:
+        if f"{cand}.weight" in shapes and f"{cand}.running_mean" not in shapes:
+            return cand
+    return None
+
+
+def _torch_upstream(conv: str, modules: list[str], bns: dict[str, BNLayer]) -> BNLayer | None:
+    """The BN whose (activated) output ``conv`` reads, when the names make it certain.
+
+    ``P.convK`` reads ``P.bn(K-1)`` (ResNet blocks). The first module ``S.0`` of
+    a sequential ``S`` reads the last BN of the sibling container just before
+    ``S`` (MobileNet-style ``expand`` -> ``dw``), provided that container ends in
+    a BN. Block inputs (residual sums, pooling, the image) are never guessed.
+    """
+    parent, _, leaf = conv.rpartition(".")
+    pre = f"{parent}." if parent else ""
+    m = re.fullmatch(r"conv(\d+)", leaf)
+    if m and int(m.group(1)) >= 2:
+        return bns.get(f"{pre}bn{int(m.group(1)) - 1}")
+    if leaf != "0" or not parent:
+        return None
+    grand, _, own = parent.rpartition(".")
+    gpre = f"{grand}." if grand else ""
+    siblings: list[str] = []
+    for mod in modules:
+        if mod == parent or mod.startswith(f"{parent}."):
+            break
+        if mod.startswith(gpre):
+            head = mod[len(gpre):].split(".", 1)[0]
+            if head not in siblings:
+                siblings.append(head)
+    if not siblings or not own:
+        return None
+    prev = f"{gpre}{siblings[-1]}"
+    inside = [mod for mod in modules if mod.startswith(f"{prev}.")]
+    if not inside or inside[-1] not in bns:
+        return None
+    return bns[inside[-1]]
