@@ -3,7 +3,8 @@
 Real checkpoints in which channels die are written into a watched folder; everything is
 asserted through Prometheus's HTTP API. The latency from a checkpoint's completion (the
 atomic rename) to the dead-fraction alert becoming pending is measured; set
-BNEXPORTER_E2E_REPORT=path to also get the figures as JSON (docs/deploy.md quotes them).
+BNEXPORTER_E2E_REPORT=path to also get the figures as JSON (docs/deploy.md quotes them);
+BNEXPORTER_E2E_WATCH=poll measures the polling watcher that shared volumes need.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ pytestmark = pytest.mark.e2e
 SCRAPE_INTERVAL = 1.0
 EVAL_INTERVAL = 1.0
 SETTLE_SECONDS = 2.0   # the daemon default
+POLL_INTERVAL = 0.5
+WATCH_MODE = os.environ.get("BNEXPORTER_E2E_WATCH", "auto")
 WAIT = 90.0   # generous: 2 shared cores, a process per analysis
 
 
@@ -84,8 +87,8 @@ def stack(tmp_path_factory) -> Iterator[Stack]:
     exporter_port, prom_port = free_port(), free_port()
     config = {
         "listen": f"127.0.0.1:{exporter_port}",
-        "watch": "auto",
-        "poll_interval": 0.5,
+        "watch": WATCH_MODE,
+        "poll_interval": POLL_INTERVAL,
         "settle_seconds": SETTLE_SECONDS,
         "retry": {"initial_delay": 0.2, "max_delay": 0.5, "max_attempts": 2,
                   "give_up_after": 2},
@@ -106,7 +109,8 @@ def stack(tmp_path_factory) -> Iterator[Stack]:
     logs = {"bnexporter": work / "bnexporter.log", "prometheus": work / "prometheus.log"}
     try:
         daemon = _start([sys.executable, "-m", "bnexporter", "run", "--config",
-                         str(work / "bnexporter.yaml")], logs["bnexporter"], cwd=REPO)
+                         str(work / "bnexporter.yaml")], logs["bnexporter"], cwd=REPO,
+                        env={**os.environ, "BNEXPORTER_TEST_HOOKS": "1"})
         procs.append(daemon)
         exporter = f"http://127.0.0.1:{exporter_port}"
         wait_http(f"{exporter}/healthz", WAIT, daemon)
@@ -119,7 +123,8 @@ def stack(tmp_path_factory) -> Iterator[Stack]:
         wait_http(f"{prometheus}/-/ready", WAIT, prom)
         s = Stack(root=root, exporter=exporter, prometheus=prometheus)
         s.figures.update(scrape_interval_s=SCRAPE_INTERVAL, evaluation_interval_s=EVAL_INTERVAL,
-                         settle_seconds=SETTLE_SECONDS)
+                         settle_seconds=SETTLE_SECONDS, watch=WATCH_MODE,
+                         poll_interval_s=POLL_INTERVAL)
         yield s
         report = os.environ.get("BNEXPORTER_E2E_REPORT")
         if report:
@@ -281,6 +286,20 @@ def test_unreadable_checkpoint_is_reported(stack):
         stack, "sum(bnexporter_errors_total)") or None)
     assert errors >= 1
     assert _value(stack, 'bnexporter_model_up{model="alpha"}') == 1
+
+
+def test_crashed_watcher_is_restarted_and_counted(stack):
+    status, _ = http_get(f"{stack.exporter}/-/test/crash-watcher", method="POST")
+    assert status == 200
+    _wait_for("a watcher restart counted in Prometheus",
+              lambda: (_value(stack, "sum(bnexporter_watcher_restarts_total)") or 0) >= 1)
+    _wait_for("every watcher up again", lambda: _value(
+        stack, "min(bnexporter_watcher_up)") == 1)
+    status, _ = http_get(f"{stack.exporter}/healthz")
+    assert status == 200
+    # checkpoints written after the restart are still picked up
+    _write(stack, "alpha", 310, ModelState([LayerState(dead=6, near_dead=3), LayerState(dead=4)]))
+    _wait_for("alpha step 310", _step_seen(stack, "alpha", 310))
 
 
 def test_every_dashboard_query_returns_data(stack):
