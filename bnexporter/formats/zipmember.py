@@ -24,8 +24,9 @@ DEFLATED = 8
 
 MAX_MEMBERS = 1_000_000
 MAX_DIRECTORY = 512 << 20
-# a deflated member may claim at most this ratio and this size when inflated
-MAX_RATIO = 1000
+# Deflate cannot exceed ~1032:1, so a member claiming more is lying; and no
+# compressed member of a checkpoint zip needs to inflate past 4 GiB.
+MAX_RATIO = 1100
 MAX_INFLATED = 4 << 30
 
 _EOCD = struct.Struct("<4s4H2LH")                 # 22 bytes
