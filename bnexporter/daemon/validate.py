@@ -154,8 +154,15 @@ def _strings(ctx: _Ctx, value: Any, loc: str) -> tuple[str, ...]:
 
 def _thresholds(ctx: _Ctx, raw: Any, loc: str, base: Thresholds) -> Thresholds:
     values = _mapping(ctx, raw, loc, THRESHOLD_KEYS)
-    parsed = {k: _number(ctx, v, _join(loc, k), below_one=k.endswith("_p"))
-              for k, v in values.items()}
+    parsed: dict[str, Any] = {}
+    for key, value in values.items():  # each field is parsed by its default's type
+        default, where = getattr(Thresholds(), key), _join(loc, key)
+        if isinstance(default, bool):
+            parsed[key] = _boolean(ctx, value, where)
+        elif isinstance(default, int):
+            parsed[key] = _integer(ctx, value, where, 1)
+        else:
+            parsed[key] = _number(ctx, value, where, below_one=key.endswith("_p"))
     th = replace(base, **parsed)
     if th.dead_p > th.near_dead_p:
         raise ctx.fail(_join(loc, "dead_p"), f"must not exceed near_dead_p ({th.near_dead_p})")

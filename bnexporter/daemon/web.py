@@ -3,6 +3,8 @@
 A small WSGI app composed around ``prometheus_client.make_wsgi_app`` (which
 keeps content negotiation, gzip and ``name[]`` filtering), served by wsgiref
 with one daemon thread per connection, so a slow client never blocks a scrape.
+Scrapes that accept the text format (Prometheus always does) get the same bytes
+from ``exposition.FastText``, which caches the per-model part between changes.
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, gzip_accepted
 
 from . import landing
+from .exposition import FastText
 from .state import Store
 
 log = logging.getLogger("bnexporter.web")
@@ -31,6 +35,7 @@ class App:
                  hooks: dict[str, Callable[[], str]] | None = None):
         self.store = store
         self.metrics = make_wsgi_app(registry)
+        self.fast = FastText(store)
         self.reload = reload
         self.hooks = hooks or {}
 
@@ -39,6 +44,11 @@ class App:
         method = environ.get("REQUEST_METHOD", "GET")
         try:
             if path == "/metrics":
+                if method == "GET" and _text_ok(environ):
+                    gz = gzip_accepted(environ.get("HTTP_ACCEPT_ENCODING", ""))
+                    body = self.fast.body(gz)
+                    return _send_bytes(start, body, CONTENT_TYPE_PLAIN_0_0_4,
+                                       [("Content-Encoding", "gzip")] if gz else [])
                 return self.metrics(environ, start)
             if path == "/":
                 return _send(start, "200 OK", landing.render(self.store.snapshot),
@@ -66,6 +76,23 @@ class App:
             return _send(start, "503 Service Unavailable",
                          "".join(f"watcher dead: {r}\n" for r in dead))
         return _send(start, "200 OK", "ok\n")
+
+
+def _text_ok(environ: dict[str, Any]) -> bool:
+    """No ``name[]`` filter, and the client takes the classic text format."""
+    if "name[]" in environ.get("QUERY_STRING", ""):
+        return False
+    accept = environ.get("HTTP_ACCEPT") or ""
+    if "application/openmetrics-text" not in accept:
+        return True
+    types = [part.split(";")[0].strip() for part in accept.split(",")]
+    return any(t in ("text/plain", "*/*", "text/*") for t in types)
+
+
+def _send_bytes(start: StartResponse, data: bytes, ctype: str,
+                extra: list[tuple[str, str]]) -> list[bytes]:
+    start("200 OK", [("Content-Type", ctype), ("Content-Length", str(len(data))), *extra])
+    return [data]
 
 
 def _send(start: StartResponse, status: str, body: str,

@@ -76,11 +76,14 @@ class DaemonProc:
         return self.log_path.read_text(errors="replace")
 
     # -- HTTP ----------------------------------------------------------------------
-    def request(self, path: str, method: str = "GET") -> tuple[int, str]:
+    def request(self, path: str, method: str = "GET", headers: dict[str, str] | None = None
+                ) -> tuple[int, str]:
         req = urllib.request.Request(self.url.rstrip("/") + path, method=method,
-                                     data=b"" if method == "POST" else None)
+                                     data=b"" if method == "POST" else None,
+                                     headers=headers or {})
         try:
             with urllib.request.urlopen(req, timeout=10) as resp:
+                self.last_headers = dict(resp.headers)
                 return resp.status, resp.read().decode()
         except urllib.error.HTTPError as exc:
             return exc.code, exc.read().decode()

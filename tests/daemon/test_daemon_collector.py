@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import re
 from dataclasses import replace
 
@@ -13,6 +14,7 @@ from bnexporter.daemon import landing
 from bnexporter.daemon.collector import SnapshotCollector, select_layers
 from bnexporter.daemon.config import MetricOptions
 from bnexporter.daemon.demo import write_checkpoint
+from bnexporter.daemon.exposition import FastText
 from bnexporter.daemon.state import ModelView, Store, WatcherView, frozen
 from bnexporter.report import LayerReport
 from bnexporter.scan import analyse_path
@@ -125,3 +127,18 @@ def test_landing_page_escapes_names_and_draws_bars(report):
     assert page.count('fill="#b3261e"') == len(report.bn_layers)
     assert "3 h" in page and "DOWN" in page and "no checkpoint analysed yet" in page
     assert "http://" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "")
+
+
+def test_fast_text_is_byte_identical_to_prometheus_client(report):
+    views = [ModelView(f"m{i}", "/x", MetricOptions(per_tensor=i == 0), report=report,
+                       analysed_at=float(i)) for i in range(3)]
+    store = _store(*views)
+    reg = CollectorRegistry()
+    reg.register(SnapshotCollector(store))
+    fast = FastText(store)
+    assert fast.body() == generate_latest(reg)
+    assert gzip.decompress(fast.body(gzipped=True)) == generate_latest(reg)
+    store.set_models({"m1": replace(views[1], up=False), "m2": None})  # changes show at once
+    body = fast.body()
+    assert body == generate_latest(reg)
+    assert b'bnexporter_model_up{model="m1"} 0.0' in body and b'model="m2"' not in body

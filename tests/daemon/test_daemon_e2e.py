@@ -8,15 +8,18 @@ checked with ``promtool check metrics`` (see daemon_support.Scrape).
 
 from __future__ import annotations
 
+import gzip
 import os
 import shutil
 import signal
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 from daemon_support import DaemonProc, Scrape, write_slowly
+from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
 from bnexporter.daemon.demo import checkpoint_bytes, write_checkpoint
 from bnexporter.scan import analyse_path
@@ -91,6 +94,22 @@ def test_startup_analyses_newest_by_step(env):
     status, page = d.request("/")
     assert status == 200 and "pre" in page and "<svg" in page
     assert d.request("/healthz")[0] == 200
+    # a client that only takes OpenMetrics gets it from prometheus_client itself
+    status, om = d.request("/metrics", headers={
+        "Accept": "application/openmetrics-text; version=1.0.0; charset=utf-8"})
+    assert status == 200 and om.endswith("# EOF\n")
+    assert "application/openmetrics-text" in d.last_headers["Content-Type"]
+    names = {f.name for f in text_string_to_metric_families(om)}
+    assert "bnexporter_model_dead_channels" in names
+    # Prometheus's own Accept header (text accepted too) and gzip: the cached text path
+    req = urllib.request.Request(d.url + "metrics", headers={
+        "Accept": "application/openmetrics-text;version=1.0.0;q=0.5,"
+                  "text/plain;version=0.0.4;q=0.3,*/*;q=0.2", "Accept-Encoding": "gzip"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        assert resp.headers["Content-Encoding"] == "gzip"
+        assert resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        text = gzip.decompress(resp.read()).decode()
+    assert Scrape(text).get("bnexporter_model_checkpoint_step", model="pre") == 300
 
 
 @pytest.mark.parametrize("root", ["jobs", "polled"])
