@@ -38,6 +38,18 @@ def metrics_in(text: str) -> set[str]:
     return set(_METRIC.findall(text)) - _NOT_METRICS
 
 
+def scrape_value(text: str, name: str, **labels: str) -> float | None:
+    """The value of one sample in an exposition-format scrape, or None if absent."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v
+                                           for k, v in labels.items()):
+                return sample.value
+    return None
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
