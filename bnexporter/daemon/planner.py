@@ -307,7 +307,7 @@ class Planner:
         while True:
             for m in self._by_folder.get(probe, ()):
                 if probe == path or not ignored_path(path, probe):
-                    if kind == "closed" and not is_dir:
+                    if kind in ("closed", "moved") and not is_dir:
                         self._closed(m, path)
                     self._schedule(m, now + DEBOUNCE)
             parent = os.path.dirname(probe)
@@ -317,7 +317,8 @@ class Planner:
 
     @staticmethod
     def _closed(m: ModelState, path: str) -> None:
-        """Remember the signature at close-after-write: if it still holds, the file is done."""
+        """Remember the signature at close-after-write or rename-into-place (writers
+        rename only finished files): while it still holds, the file needs no settling."""
         try:
             st = os.stat(path)
         except OSError:
@@ -446,6 +447,8 @@ class Planner:
                      m.name, job.cand.path)
             return
         m.exported = job.cand
+        if not m.target.analysis.metrics.per_tensor:  # not exported: do not keep it in memory
+            report = replace(report, tensors=[])
         s = report.summary
         log.info("model %s: analysed %s (step %s): %d BN layers, %d/%d dead, %d near-dead, "
                  "%.2f s", m.name, job.cand.path, report.step if report.step is not None else "?",

@@ -62,7 +62,7 @@ class Handler(FileSystemEventHandler):
             self.notify(os.fsdecode(event.src_path), event.event_type, event.is_directory)
             dest = getattr(event, "dest_path", "")
             if dest:
-                self.notify(os.fsdecode(dest), "created", event.is_directory)
+                self.notify(os.fsdecode(dest), "moved", event.is_directory)
         except Exception:
             log.exception("error while handling %s", event)
 
