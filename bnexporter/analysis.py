@@ -44,10 +44,26 @@ class ChannelResult:
     saturated: list[int]
 
 
+def _erfc(x: np.ndarray) -> np.ndarray:
+    """Complementary error function, vectorised, relative error < 1.2e-7 everywhere.
+
+    The Chebyshev-fitted form from Numerical Recipes (``erfcc``): accurate far
+    into the tails, where ``1 - erf`` would round to 0, and ~20x faster than
+    calling ``math.erfc`` per element.
+    """
+    z = np.abs(x)
+    t = 1.0 / (1.0 + 0.5 * z)
+    poly = -1.26551223 + t * (1.00002368 + t * (0.37409196 + t * (0.09678418 + t * (
+        -0.18628806 + t * (0.27886807 + t * (-1.13520398 + t * (1.48851587 + t * (
+            -0.82215223 + t * 0.17087277))))))))
+    with np.errstate(under="ignore"):
+        ans = t * np.exp(-z * z + poly)
+    return np.where(x >= 0, ans, 2.0 - ans)
+
+
 def normal_cdf(z: np.ndarray) -> np.ndarray:
-    """Phi(z) via erfc, accurate in the far tails where 1 - erf would round to 0."""
-    erfc = np.vectorize(math.erfc, otypes=[np.float64])
-    return 0.5 * erfc(-np.asarray(z, dtype=np.float64) / math.sqrt(2.0))
+    """Phi(z), accurate in the far tails."""
+    return 0.5 * _erfc(-np.asarray(z, dtype=np.float64) / math.sqrt(2.0))
 
 
 def _tail_above(threshold: np.ndarray, loc: np.ndarray, scale: np.ndarray) -> np.ndarray:
@@ -152,6 +168,9 @@ class TensorScan:
     def align(self) -> int:
         return max(self.row, 1)
 
+    # elements per inner slice: small enough for the temporaries to stay in cache
+    SLICE = 1 << 18
+
     def update(self, start: int, chunk: np.ndarray) -> None:
         if chunk.size == 0:
             return
@@ -165,25 +184,39 @@ class TensorScan:
             self.huge += int(np.count_nonzero(a > self.huge_limit))
             self.max_abs = max(self.max_abs, float(a.max()))
             return
-        a = np.abs(chunk.astype(np.float32, copy=False))
-        finite = np.isfinite(a)
-        n_finite = int(np.count_nonzero(finite))
-        self.nonfinite += chunk.size - n_finite
-        if n_finite < chunk.size:
-            a = np.where(finite, a, 0.0)
-        self.zero += int(np.count_nonzero(a == 0)) - (chunk.size - n_finite)
-        self.huge += int(np.count_nonzero(a > self.huge_limit))
-        self.tiny += int(np.count_nonzero((a > 0) & (a < self.tiny_limit)))
-        if n_finite:
-            self.max_abs = max(self.max_abs, float(a.max()))
+        chunk = chunk.astype(np.float32, copy=False)
+        step = self.SLICE
         if self.sumsq is not None:
-            sq = np.square(a, dtype=np.float64)
+            step = max(self.row, (step // self.row) * self.row)
+        buf = np.empty(min(step, chunk.size), dtype=np.float32)
+        for lo in range(0, chunk.size, step):
+            part = chunk[lo: lo + step]
+            self._update_slice(start + lo, part, np.abs(part, out=buf[: part.size]))
+
+    def _update_slice(self, start: int, part: np.ndarray, a: np.ndarray) -> None:
+        top = float(a.max())
+        if not math.isfinite(top):  # rare: count and zero out the NaN / Inf values
+            finite = np.isfinite(a)
+            bad = int(a.size - np.count_nonzero(finite))
+            self.nonfinite += bad
+            a[~finite] = 0.0
+            top = float(a.max())
+            self.zero -= bad  # they are zeros now; do not count them as such
+        self.max_abs = max(self.max_abs, top)
+        self.zero += int(a.size - np.count_nonzero(a))
+        if top > self.huge_limit:
+            self.huge += int(np.count_nonzero(a > self.huge_limit))
+        self.tiny += int(np.count_nonzero(a < self.tiny_limit)) - int(
+            a.size - np.count_nonzero(a))
+        if self.sumsq is not None:
             if self.out_axis == -1:
-                self.sumsq += sq.reshape(-1, self.filters).sum(axis=0)
+                a2 = a.reshape(-1, self.filters)
+                self.sumsq += np.einsum("ij,ij->j", a2, a2, dtype=np.float64)
             else:
                 first = start // self.row
-                rows = sq.reshape(-1, self.row).sum(axis=1)
-                self.sumsq[first: first + rows.shape[0]] += rows
+                a2 = a.reshape(-1, self.row)
+                self.sumsq[first: first + a2.shape[0]] += np.einsum(
+                    "ij,ij->i", a2, a2, dtype=np.float64)
 
     def result(self) -> TensorStats:
         dead = None

@@ -24,7 +24,7 @@ def test_p_active_follows_phi_of_beta_over_s():
     res = classify_channels(gamma, beta, np.zeros(3), var, eps, "relu")
     s = np.abs(gamma) * np.sqrt(var / (var + eps))
     expected = [0.5 * math.erfc(-(b / si) / math.sqrt(2)) for b, si in zip(beta, s)]
-    np.testing.assert_allclose(res.p_active, expected, rtol=1e-12)
+    np.testing.assert_allclose(res.p_active, expected, rtol=1e-6)
 
 
 def test_seed_pattern_collapsed_gamma_with_negative_beta_is_dead():
