@@ -44,7 +44,7 @@ def discover(reader: Reader, rules: ConsumerRules | None = None,
     meta = reader.meta
     graph = KerasGraph(meta.model_config) if meta.model_config else None
     groups = _k3_groups(reader, graph) if reader.format == "keras3-weights-h5" or (
-        reader.format == "keras" and any(_K3_VARS.match(t.name) for t in reader.tensors())
+        reader.format == "keras" and any(_K3_VARS.match(n) for n in reader.names())
     ) else _suffix_groups(reader)
     rules = rules or ConsumerRules()
     preset = rules.resolve_preset(list(groups)) if meta.framework == "torch" else None
@@ -87,17 +87,17 @@ def _same_shape(reader: Reader, name: str | None, shape: tuple[int, ...]) -> boo
 def _suffix_groups(reader: Reader) -> dict[str, dict[str, str]]:
     """Group ``<layer>.running_mean`` / ``<layer>/moving_mean`` style names."""
     groups: dict[str, dict[str, str]] = {}
-    for info in reader.tensors():
-        if info.name in reader.meta.auxiliary:
+    for name in reader.names():
+        if name in reader.meta.auxiliary:
             continue
-        m = _SPLIT.match(info.name)
+        m = _SPLIT.match(name)
         if not m or m.group(2) not in _ROLES:
             continue
         prefix, role = m.group(1), _ROLES[m.group(2)]
         if reader.meta.framework == "keras":
             # Keras weight names are "<layer>/<var>", inside a nested model group too
             prefix = prefix.rsplit("/", 1)[-1]
-        groups.setdefault(prefix, {})[role] = info.name
+        groups.setdefault(prefix, {})[role] = name
     return groups
 
 
@@ -108,10 +108,10 @@ def _k3_groups(reader: Reader, graph: KerasGraph | None) -> dict[str, dict[str, 
     the config; which index is gamma/beta follows the BN's ``scale``/``center``.
     """
     by_path: dict[str, list[str]] = {}
-    for info in reader.tensors():
-        m = _K3_VARS.match(info.name)
-        if m and info.name not in reader.meta.auxiliary:
-            by_path.setdefault(m.group(1), []).append(info.name)
+    for name in reader.names():
+        m = _K3_VARS.match(name)
+        if m and name not in reader.meta.auxiliary:
+            by_path.setdefault(m.group(1), []).append(name)
     names: dict[str, str] = getattr(reader, "k3_layer_names", {})
     k3_paths = _k3_paths(graph) if graph else {}
     groups: dict[str, dict[str, str]] = {}

@@ -72,9 +72,10 @@ def _analyse(reader: Reader, opts: ScanOptions, progress: Progress | None) -> Ch
                      for layer in layers]
     bn_tensors = {t for layer in layers
                   for t in (layer.gamma, layer.beta, layer.mean, layer.var) if t}
-    infos = reader.tensors()
     if opts.bn_only:
-        infos = [i for i in infos if i.name in bn_tensors]
+        infos = [reader.info(n) for n in reader.names() if n in bn_tensors]
+    else:
+        infos = reader.tensors()
     total = sum(i.size * dtypes.itemsize(i.dtype) for i in infos)
     done = 0
     tensors: list[TensorReport] = []

@@ -66,8 +66,18 @@ class Reader(ABC):
         self._infos: dict[str, TensorInfo] = {}
 
     # -- interface -----------------------------------------------------------
+    def names(self) -> list[str]:
+        """Tensor names in file order; cheaper than :meth:`tensors` for lazy readers."""
+        return list(self._infos)
+
     def tensors(self) -> list[TensorInfo]:
-        return list(self._infos.values())
+        out = []
+        for name in list(self.names()):
+            try:
+                out.append(self.info(name))
+            except KeyError:  # a lazily opened entry turned out not to hold a tensor
+                continue
+        return out
 
     def info(self, name: str) -> TensorInfo:
         try:

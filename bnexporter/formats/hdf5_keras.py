@@ -76,6 +76,11 @@ class KerasH5Reader(Reader):
         self._datasets: dict[str, h5py.Dataset] = {}
         self._offsets: dict[str, int] = {}
         self._bf16: set[str] = set()
+        self._big: set[str] = set()
+        # Keras 2 datasets listed by name but not yet opened: (group id, dataset path)
+        self._pending: dict[str, tuple[h5py.h5g.GroupID, str]] = {}
+        self._order: list[str] = []
+        self._listed: set[str] = set()
         self._range: RangeFile | None = None
         try:
             self._h5 = h5py.File(fileobj if fileobj is not None else path, "r")
@@ -129,14 +134,12 @@ class KerasH5Reader(Reader):
             if not isinstance(sub, h5py.Group):
                 continue
             for wname in _name_list(sub.attrs, "weight_names"):
-                ds = sub.get(wname)
-                if not isinstance(ds, h5py.Dataset):
-                    raise self.error(f"layer {layer!r} lists weight {wname!r} but has no such "
-                                     "dataset", "truncated", True)
                 name = _strip_suffix(wname)
-                if name in self._infos:
+                if name in self._infos or name in self._pending:
                     name = f"{layer}/{name}"
-                self._add(name, ds)
+                # opened on first use: a BN-only scan never touches the other datasets
+                self._pending[name] = (sub.id, wname)
+                self._list(name)
 
     def _walk_k3(self, group: h5py.Group, prefix: str) -> None:
         for key in group:
@@ -147,14 +150,14 @@ class KerasH5Reader(Reader):
                     for idx in sorted(item.keys(), key=lambda k: (len(k), k)):
                         ds = item[idx]
                         if isinstance(ds, h5py.Dataset):
-                            self._add(f"{path}/{idx}", ds)
+                            self._add(f"{path}/{idx}", ds.id, ds.name)
                     label = _text(item.attrs.get("name", ""))
                     if label:
                         self.k3_layer_names[prefix.rstrip("/")] = label
                 else:
                     self._walk_k3(item, path + "/")
             elif isinstance(item, h5py.Dataset):
-                self._add(path, item)
+                self._add(path, item.id, item.name)
         if not prefix:
             self.meta.auxiliary = frozenset(n for n in self._infos if n.startswith("optimizer/"))
 
@@ -166,54 +169,83 @@ class KerasH5Reader(Reader):
             ds = group[rel]
             if isinstance(ds, h5py.Dataset):
                 name = f"{prefix}/{_strip_suffix(rel)}"
-                self._add(name, ds)
+                self._add(name, ds.id, ds.name)
                 aux.add(name)
         self.meta.auxiliary = frozenset(aux)
 
-    def _add(self, name: str, ds: h5py.Dataset) -> None:
-        dtype = self._dtype_of(name, ds)
+    def _add(self, name: str, dsid: h5py.h5d.DatasetID, where: str) -> bool:
+        """Register one dataset; False when it holds no numeric tensor."""
+        dtype = self._dtype_of(name, dsid, where)
         if dtype is None:
-            return
-        shape = tuple(int(d) for d in ds.shape)
+            return False
+        shape = tuple(int(d) for d in dsid.shape)
         info = TensorInfo(name, shape, dtype)
         nbytes = info.size * dtypes.itemsize(dtype)
-        contiguous = self._direct and ds.chunks is None and ds.compression is None
-        offset = ds.id.get_offset() if contiguous else None
+        plist = dsid.get_create_plist()
+        contiguous = (self._direct and plist.get_layout() == h5py.h5d.CONTIGUOUS
+                      and plist.get_nfilters() == 0)
+        offset = dsid.get_offset() if contiguous else None
         if offset is not None:
             assert self._range is not None
             if offset + nbytes > self._range.size:
-                raise self.error(f"dataset {ds.name} declares {nbytes} bytes at offset {offset}, "
+                raise self.error(f"dataset {where} declares {nbytes} bytes at offset {offset}, "
                                  f"past the end of the file ({self._range.size} bytes)",
                                  "truncated", True)
             self._offsets[name] = offset
         else:
-            stored = ds.id.get_storage_size()
+            stored = dsid.get_storage_size()
             if nbytes > stored * _MAX_INFLATION + (1 << 20):
-                raise self.error(f"dataset {ds.name} declares shape {shape} ({nbytes} bytes) "
+                raise self.error(f"dataset {where} declares shape {shape} ({nbytes} bytes) "
                                  f"but stores only {stored} bytes")
-            self._datasets[name] = ds
+            self._datasets[name] = h5py.Dataset(dsid)
+        self._list(name)
         self._infos[name] = info
+        return True
 
-    def _dtype_of(self, name: str, ds: h5py.Dataset) -> str | None:
-        dt = ds.dtype
-        if dt.kind == "V" and dt.itemsize == 2 and _text(ds.attrs.get("dtype", "")) == "bfloat16":
+    def _list(self, name: str) -> None:
+        if name not in self._listed:
+            self._listed.add(name)
+            self._order.append(name)
+
+    def _dtype_of(self, name: str, dsid: h5py.h5d.DatasetID, where: str) -> str | None:
+        dt = dsid.dtype
+        if dt.kind == "V" and dt.itemsize == 2 and h5py.h5a.exists(dsid, b"dtype") and \
+                _text(h5py.Dataset(dsid).attrs["dtype"]) == "bfloat16":
             self._bf16.add(name)
             return "bfloat16"
         if dt.kind in "SUOV":
-            self.meta.notes.append(f"dataset {ds.name} of dtype {dt} skipped (not numeric)")
+            self.meta.notes.append(f"dataset {where} of dtype {dt} skipped (not numeric)")
             return None
         key = f"{dt.kind}{dt.itemsize}"
         if key not in _H5_DTYPES:
-            self.meta.notes.append(f"dataset {ds.name} of dtype {dt} skipped")
+            self.meta.notes.append(f"dataset {where} of dtype {dt} skipped")
             return None
         if dt.byteorder == ">":
-            self._big = getattr(self, "_big", set()) | {name}
+            self._big.add(name)
         return _H5_DTYPES[key]
+
+    def names(self) -> list[str]:
+        return self._order
+
+    def info(self, name: str) -> TensorInfo:
+        pending = self._pending.pop(name, None)
+        if pending is not None:
+            gid, wname = pending
+            where = f"{_text(h5py.h5i.get_name(gid) or b'')}/{wname}"
+            try:  # the low-level API: a fraction of the cost of h5py's wrappers
+                dsid = h5py.h5d.open(gid, wname.encode())
+            except (KeyError, ValueError, TypeError):
+                raise self.error(f"{where} is listed in weight_names but does not exist",
+                                 "truncated", True) from None
+            if not self._add(name, dsid, where):
+                self._order.remove(name)
+                self._listed.discard(name)
+        return super().info(name)
 
     # -- data ----------------------------------------------------------------
     def _read_flat(self, info: TensorInfo, start: int, stop: int) -> np.ndarray:
         offset = self._offsets.get(info.name)
-        big = info.name in getattr(self, "_big", ())
+        big = info.name in self._big
         if offset is not None:
             assert self._range is not None
             size = dtypes.itemsize(info.dtype)
