@@ -44,6 +44,7 @@ from .worker import Job
 log = logging.getLogger("bnexporter.planner")
 
 DEBOUNCE = 0.2  # seconds between an event and looking at the folder
+LOOK_BACK = 3   # newest units examined per look when the newest is not complete yet
 
 
 @dataclass
@@ -66,6 +67,8 @@ class ModelState:
     exported: Candidate | None = None
     due: float | None = None
     cancelled: bool = False
+    initial: set[tuple[str, tuple[int, ...]]] | None = None  # units present at first look
+    given_up: Candidate | None = None  # newest unit that never became readable
 
     @property
     def name(self) -> str:
@@ -237,6 +240,8 @@ class Planner:
             self.store.set_models(changes)
         self._index()
         self._publish_pending()
+        if first:
+            log.info("%d models to watch", len(self._models))
 
     def _remove(self, name: str) -> None:
         m = self._models.pop(name)
@@ -338,58 +343,68 @@ class Planner:
                 del table[path]
         m.retries = {k: v for k, v in m.retries.items() if k in live}
         m.finished &= live
+        if m.initial is None:
+            m.initial = live
         if m.exported is not None and m.exported.path not in present:
             m.exported = None  # its file is gone: any checkpoint may take over
+        if m.given_up is not None and (m.given_up.path, m.given_up.sig) not in live:
+            m.given_up = None
         top = newest(cands)
         if top is None:
             if m.view.report is not None and not os.path.isdir(m.target.folder):
                 self._set_view(m, report=None, analysed_at=None)  # folder gone: series go
             return
         if m.exported is not None and (top.path, top.sig) == (m.exported.path, m.exported.sig):
+            m.given_up = None
             if not m.view.up:
                 self._set_view(m, up=True, error=None)
             return
-        target = self._target(m, cands, top)
-        if target is None:
-            return
-        busy = [j for j in (m.slot.running, m.slot.pending) if j is not None]
-        if any((j.cand.path, j.cand.sig) == (target.path, target.sig) for j in busy):
-            return
-        now, wall = self.clock(), self.wall()
-        obs = observe(m.obs.get(target.path), target.sig, now)
-        m.obs[target.path] = obs
-        if not settled(obs, now, self.cfg.settle_seconds, target.mtime, wall,
-                       m.closed.get(target.path)):
-            self._schedule(m, obs.since + self.cfg.settle_seconds)
-            return
-        state = m.retries.get((target.path, target.sig))
-        if state is not None and now < state.next_at:
-            self._schedule(m, state.next_at)
-            return
-        problem = complete.check(target.path)
-        if problem is not None:
-            self._failed(m, target, problem[0], f"{target.path}: {problem[1]}")
-            return
-        job = Job(m.name, m.generation, target, a.scan_options())
-        with self._ready_cv:
-            if m.slot.offer(job):
-                self._ready.append((m.name, m))
-                self._ready_cv.notify()
-        self._publish_pending()
+        busy = {(j.cand.path, j.cand.sig) for j in (m.slot.running, m.slot.pending) if j}
+        for cand in self._pool(m, cands)[:LOOK_BACK]:
+            if (cand.path, cand.sig) in busy:
+                return  # already running or waiting: nothing newer is ready
+            if self._ready_to_analyse(m, cand):
+                job = Job(m.name, m.generation, cand, a.scan_options())
+                with self._ready_cv:
+                    if m.slot.offer(job):
+                        self._ready.append((m.name, m))
+                        self._ready_cv.notify()
+                self._publish_pending()
+                return
+            # not complete yet: the newest *complete* one may be an older one; meanwhile
+            # a wake-up is scheduled for this one
 
-    def _target(self, m: ModelState, cands: list[Candidate], top: Candidate
-                ) -> Candidate | None:
-        """The unit to analyse next: the newest, or with backfill the oldest not done."""
+    def _pool(self, m: ModelState, cands: list[Candidate]) -> list[Candidate]:
+        """Units that would improve on the export, in the order to try them: newest
+        first, or oldest first with backfill."""
         pool = [c for c in cands if (c.path, c.sig) not in m.finished]
         if m.exported is not None:
             old = Key.of(m.exported)
             pool = [c for c in pool if is_newer(Key.of(c), old)
                     or (c.path == m.exported.path and c.sig != m.exported.sig)]
-        if not pool:
-            return None
-        if m.target.analysis.backfill:
-            return in_order(pool)[0]
-        return top if (top.path, top.sig) not in m.finished and top in pool else None
+        ordered = in_order(pool)
+        return ordered if m.target.analysis.backfill else ordered[::-1]
+
+    def _ready_to_analyse(self, m: ModelState, cand: Candidate) -> bool:
+        """Settled, not waiting for a retry, and complete by its format's signs."""
+        now, wall = self.clock(), self.wall()
+        obs = observe(m.obs.get(cand.path), cand.sig, now)
+        m.obs[cand.path] = obs
+        # an old mtime proves quiescence only for files found at the first look (start-up,
+        # discovery): later, a lagging file-server clock must not skip the settle period
+        mtime = cand.mtime if m.initial and (cand.path, cand.sig) in m.initial else wall
+        if not settled(obs, now, self.cfg.settle_seconds, mtime, wall, m.closed.get(cand.path)):
+            self._schedule(m, obs.since + self.cfg.settle_seconds)
+            return False
+        state = m.retries.get((cand.path, cand.sig))
+        if state is not None and now < state.next_at:
+            self._schedule(m, state.next_at)
+            return False
+        problem = complete.check(cand.path)
+        if problem is not None:
+            self._failed(m, cand, problem[0], f"{cand.path}: {problem[1]}")
+            return False
+        return True
 
     def _failed(self, m: ModelState, cand: Candidate, reason: str, message: str) -> None:
         """One failed attempt: retry later, or give up and report it once."""
@@ -415,6 +430,8 @@ class Planner:
         cause = message.removeprefix(cand.path + ": ")
         log.warning("model %s: giving up on %s%s: %s [%s]", m.name, cand.path, tries, cause,
                     reason)
+        if m.given_up is None or is_newer(Key.of(cand), Key.of(m.given_up)):
+            m.given_up = cand
         self._set_view(m, up=False, error=message, errors=frozen(errors))
 
     def _on_done(self, job: Job, report: CheckpointReport) -> None:
@@ -453,6 +470,10 @@ class Planner:
         log.info("model %s: analysed %s (step %s): %d BN layers, %d/%d dead, %d near-dead, "
                  "%.2f s", m.name, job.cand.path, report.step if report.step is not None else "?",
                  s.bn_layers, s.dead, s.channels, s.near_dead, report.duration_seconds)
+        if m.given_up is not None and is_newer(Key.of(m.given_up), Key.of(job.cand)):
+            self._set_view(m, report=report, analysed_at=self.wall())  # a newer one failed
+            return
+        m.given_up = None
         self._set_view(m, report=report, analysed_at=self.wall(), up=True, error=None)
 
     def _set_view(self, m: ModelState, **changes: Any) -> None:

@@ -94,8 +94,16 @@ class Runner:
 
     def run(self, job: Job) -> CheckpointReport | None:
         path = job.cand.path
-        run = self._in_process if self.isolation == "process" else self._in_thread
-        report = run(job)
+        if self.isolation == "process":
+            try:
+                report = self._in_process(job)
+            except OSError as exc:  # e.g. no writable temp folder for the forkserver socket
+                log.error("cannot start analysis processes (%s); analysing in threads from "
+                          "now on (a timed-out analysis can then only be abandoned)", exc)
+                self.isolation = "thread"
+                report = self._in_thread(job)
+        else:
+            report = self._in_thread(job)
         if report is None and not self.stop.is_set():
             report = failed(path, f"{path}: analysis took longer than {self.timeout:g} s",
                             "timeout", step=job.cand.step)

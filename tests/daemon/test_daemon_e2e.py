@@ -127,6 +127,26 @@ def test_slow_in_place_write_is_analysed_once_complete(env, root):
     assert s.get("bnexporter_model_up", model=f"slow-{root}") == 1
 
 
+def test_fast_arrivals_under_polling_are_not_starved(env):
+    """Checkpoints arriving faster than poll + settle: the newest *complete* one is
+    exported meanwhile, and the last one once the stream stops."""
+    base, _, d = env
+    folder = base / "polled" / "burst"
+    folder.mkdir()
+    errors = d.wait_for(lambda s: "burst" in s.models(), "model discovered").get(
+        "bnexporter_analyses_total", outcome="error")
+    seen: set[float] = set()
+    for step in range(100, 2100, 100):  # 20 checkpoints, one every 0.15 s
+        write_checkpoint(str(folder / f"ckpt-{step}.h5"), step)
+        time.sleep(0.15)
+        value = _step(d.scrape(), "burst")
+        if value is not None:
+            seen.add(value)
+    assert seen and max(seen) < 2000, seen  # something was exported during the burst
+    s = d.wait_for(lambda s: _step(s, "burst") == 2000, "the last checkpoint")
+    assert s.get("bnexporter_analyses_total", outcome="error") == errors
+
+
 def test_renamed_into_place(env):
     base, _, d = env
     folder = base / "jobs" / "renamed"
