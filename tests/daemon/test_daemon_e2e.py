@@ -147,6 +147,50 @@ def test_fast_arrivals_under_polling_are_not_starved(env):
     assert s.get("bnexporter_analyses_total", outcome="error") == errors
 
 
+TF = Path(__file__).resolve().parents[1] / "fixtures" / "tf"
+
+
+def _info_path(s: Scrape, model: str) -> str | None:
+    series = [x for x in s.series("bnexporter_model_checkpoint_info") if x["model"] == model]
+    return series[0]["path"] if series else None
+
+
+def test_tf_bundle_is_analysed_as_one_unit_when_announced(env):
+    """TF CheckpointManager order: shards, then .index, then the `checkpoint` state file."""
+    base, _, d = env
+    folder = base / "jobs" / "tfrun"
+    folder.mkdir()
+    d.wait_for(lambda s: "tfrun" in s.models(), "model discovered")
+    src = TF / "k3_manager"
+    for name in ("ckpt-1.data-00000-of-00001", "ckpt-1.index"):
+        shutil.copy(src / name, folder / name)
+    (folder / "checkpoint").write_text('model_checkpoint_path: "ckpt-1"\n')
+    index = lambda n: str(folder / f"ckpt-{n}.index")  # noqa: E731
+    s = d.wait_for(lambda s: _info_path(s, "tfrun") == index(1), "ckpt-1 analysed")
+    _expect_matches_scan(s, "tfrun", folder / "ckpt-1.index")
+    assert _step(s, "tfrun") == analyse_path(index(1)).step  # the step the file records
+    # ckpt-2 written but not announced yet: still ckpt-1
+    for name in ("ckpt-2.data-00000-of-00001", "ckpt-2.index"):
+        shutil.copy(src / name, folder / name)
+    time.sleep(SETTLE * 3)
+    assert _info_path(d.scrape(), "tfrun") == index(1)
+    (folder / "checkpoint").write_text('model_checkpoint_path: "ckpt-2"\n')
+    d.wait_for(lambda s: _info_path(s, "tfrun") == index(2), "ckpt-2 analysed once announced")
+    # a sharded save announced before its last shard exists is not analysed until it does
+    sharded = TF / "k3_sharded"
+    shards = sorted(sharded.glob("ckpt-3.data-*"))
+    for f in [*shards[:-1], sharded / "ckpt-3.index"]:
+        shutil.copy(f, folder / f.name)
+    (folder / "checkpoint").write_text('model_checkpoint_path: "ckpt-3"\n')
+    time.sleep(SETTLE * 3)
+    s = d.scrape()
+    assert _info_path(s, "tfrun") == index(2)
+    assert s.get("bnexporter_model_up", model="tfrun") == 1
+    shutil.copy(shards[-1], folder / shards[-1].name)
+    s = d.wait_for(lambda s: _info_path(s, "tfrun") == index(3), "sharded ckpt-3 once complete")
+    _expect_matches_scan(s, "tfrun", folder / "ckpt-3.index")
+
+
 def test_renamed_into_place(env):
     base, _, d = env
     folder = base / "jobs" / "renamed"
