@@ -16,6 +16,7 @@ from bnexporter.daemon.config import MetricOptions
 from bnexporter.daemon.demo import write_checkpoint
 from bnexporter.daemon.exposition import FastText
 from bnexporter.daemon.state import ModelView, Store, WatcherView, frozen
+from bnexporter.daemon.web import App
 from bnexporter.report import LayerReport
 from bnexporter.scan import analyse_path
 
@@ -142,3 +143,25 @@ def test_fast_text_is_byte_identical_to_prometheus_client(report):
     body = fast.body()
     assert body == generate_latest(reg)
     assert b'bnexporter_model_up{model="m1"} 0.0' in body and b'model="m2"' not in body
+
+
+def _call(app: App, path: str, method: str = "GET") -> tuple[str, bytes]:
+    out: dict[str, str] = {}
+    environ = {"PATH_INFO": path, "REQUEST_METHOD": method, "QUERY_STRING": ""}
+    body = b"".join(app(environ, lambda status, headers: out.update(status=status)))
+    return out["status"], body
+
+
+def test_http_routes_health_and_reload(report):
+    store = _store(ModelView("m", "/x", MetricOptions(), report=report))
+    answers = iter([(True, "reloaded: 1 models watched"), (False, "reload failed: x: bad")])
+    app = App(store, CollectorRegistry(), lambda: next(answers))
+    assert _call(app, "/healthz") == ("200 OK", b"ok\n")
+    store.set_watchers({"/ckpt": WatcherView("/ckpt", False, True)})
+    assert _call(app, "/healthz") == ("503 Service Unavailable", b"watcher dead: /ckpt\n")
+    assert _call(app, "/-/reload")[0].startswith("405")
+    assert _call(app, "/-/reload", "POST") == ("200 OK", b"reloaded: 1 models watched\n")
+    assert _call(app, "/-/reload", "POST")[0].startswith("500")
+    assert _call(app, "/-/test/crash-watcher", "POST")[0].startswith("404")  # no test hooks
+    status, body = _call(app, "/metrics")
+    assert status == "200 OK" and b'bnexporter_watcher_up{root="/ckpt"} 0.0' in body
