@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__, scan_cli
+from .daemon import commands
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -16,16 +17,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--version", action="version", version=f"bnexporter {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     scan_cli.add_arguments(sub.add_parser("scan", help="analyse checkpoint files once"))
-    try:
-        from .daemon import commands
-    except ImportError:  # the daemon is optional while it is being built
-        commands = None
-    if commands is not None:
-        commands.add_subcommands(sub)
+    commands.add_subcommands(sub)
     args = p.parse_args(argv)
     if args.command == "scan":
         return scan_cli.run(args)
-    assert commands is not None
     return commands.dispatch(args)
 
 
