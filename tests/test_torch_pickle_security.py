@@ -260,3 +260,43 @@ def test_shared_storage_with_conflicting_types_is_refused(tmp_path):
     b = T("0", np.zeros(4, np.float32), dtype="float64")
     with pytest.raises(CheckpointError, match="described twice"):
         TorchZipReader(write_torch_zip(tmp_path / "c.pt", {"a": a, "b": b}))
+
+
+def test_aliasing_and_stride_zero_amplification_is_refused(tmp_path):
+    w = T("w", np.zeros(1 << 16, np.float32))             # 256 KiB, named 5000 times
+    aliases = {f"t{i}": w for i in range(5000)}           # ~1.3 GB declared
+    with pytest.raises(CheckpointError) as exc:
+        TorchZipReader(write_torch_zip(tmp_path / "alias.pt", aliases))
+    assert exc.value.reason == "too_large" and "amplification" in str(exc.value)
+    huge = {"w": T("0", np.zeros(16, np.float32), size=(1 << 31, 1 << 31), stride=(0, 0))}
+    with pytest.raises(CheckpointError, match="amplification"):
+        TorchZipReader(write_torch_zip(tmp_path / "s0.pt", huge))
+    tied = {"a": w, "b": w, **bn_dict()}                  # ordinary tied weights are fine
+    with TorchZipReader(write_torch_zip(tmp_path / "tied.pt", tied)) as r:
+        assert {"a", "b"} <= {t.name for t in r.tensors()}
+
+
+def test_overlong_key_paths_are_skipped_not_built(tmp_path):
+    key = "k" * 3000
+    obj = {"state_dict": bn_dict(), "extra": {key: {key: {"t": T("x", np.ones(2, np.float32))}}}}
+    with TorchZipReader(write_torch_zip(tmp_path / "long.pt", obj)) as r:
+        assert {t.name for t in r.tensors()} == set(bn_dict())
+        assert any("longer than 4096" in n for n in r.meta.notes)
+
+
+def test_legacy_storage_count_must_match_the_pickle(tmp_path):
+    head = b"".join(pickle.dumps(v, protocol=2) for v in (
+        0x1950A86A20F9469CFC6C, 1001, {"protocol_version": 1001, "little_endian": True}))
+    body = (b"\x80\x02}(" + _s("w") + b"ctorch._utils\n_rebuild_tensor_v2\n((" + _s("storage")
+            + b"ctorch\nFloatStorage\n" + _s("7") + _s("cpu") + b"K\x04NtQK\x00K\x04\x85K\x01"
+            + b"\x85\x89NtRu.")
+    keys = pickle.dumps(["7"], protocol=2)
+    for count, ok in ((4, True), (3, False)):
+        path = tmp_path / f"l{count}.pt"
+        path.write_bytes(head + body + keys + struct.pack("<q", count) + b"\0" * 16)
+        if ok:
+            with TorchLegacyReader(str(path)) as r:
+                assert r.read_array("w").tolist() == [0.0] * 4
+        else:
+            with pytest.raises(CheckpointError, match="holds 3 elements, the pickle says 4"):
+                TorchLegacyReader(str(path))

@@ -130,6 +130,9 @@ class TorchLegacyReader(TorchReaderBase):
             if count < 0 or pos + 8 + count * itemsize > f.size:
                 raise self.error(f"storage {key} claims {count} elements past the end of "
                                  "the file", "truncated", True)
+            if count != ref.numel:
+                raise self.error(f"storage {key} holds {count} elements, the pickle says "
+                                 f"{ref.numel}")
             self._spans[key] = (pos + 8, count * itemsize)
             pos += 8 + count * itemsize
         missing = set(storages) - set(self._spans)

@@ -34,7 +34,10 @@ from typing import Any
 import numpy as np
 
 MAX_PICKLE_BYTES = 256 << 20
-MAX_OPCODES = 50_000_000
+# the prescan costs ~1-2 us per opcode in pure Python: 10 M bounds it to seconds,
+# while a 250k-tensor state dict needs ~10 M and typical ones well under 1 M
+MAX_OPCODES = 10_000_000
+MAX_NAME = 4096
 MAX_TUPLE_DEPTH = 256
 MAX_NESTING = 1000
 MAX_MEMO_INDEX = 1 << 26
@@ -895,11 +898,16 @@ def flatten(root: object, prefix: str = "", skipped: dict[str, int] | None = Non
     tensors: dict[str, TensorRef] = {}
     bn_eps: dict[str, float] = {}
     seen: set[int] = set()
-    stack: list[tuple[object, str, int]] = [(root, prefix, 0)]
+    long_paths = f"tensor(s) under paths longer than {MAX_NAME} characters"
+    # path None: the name grew too long; keep walking (depth is still bounded) unnamed
+    stack: list[tuple[object, str | None, int]] = [(root, prefix, 0)]
     while stack:
         obj, path, depth = stack.pop()
         if isinstance(obj, TensorRef):
-            tensors.setdefault(path or "tensor", obj)
+            if path is not None:
+                tensors.setdefault(path or "tensor", obj)
+            elif skipped is not None:
+                skipped[long_paths] = skipped.get(long_paths, 0) + 1
             continue
         if not isinstance(obj, (dict, list, tuple, Opaque)) or id(obj) in seen:
             continue
@@ -911,8 +919,11 @@ def flatten(root: object, prefix: str = "", skipped: dict[str, int] | None = Non
             raise Refused(f"checkpoint objects nest more than {MAX_NESTING} levels deep",
                           "too_large")
         seen.add(id(obj))
-        for key, child in reversed(_children(obj, path, bn_eps)):
-            stack.append((child, _join(path, key), depth + 1))
+        kids = _children(obj, path or "", bn_eps if path is not None else {})
+        for key, child in reversed(kids):
+            name = None if path is None or len(path) + len(key) + 1 > MAX_NAME \
+                else _join(path, key)
+            stack.append((child, name, depth + 1))
     return tensors, bn_eps
 
 
@@ -991,5 +1002,6 @@ def interpret(root: object) -> Layout:
                     layout.tensors[aux_name] = t
                     layout.auxiliary.add(aux_name)
     for kind, count in sorted(skipped.items()):
-        layout.notes.append(f"skipped {count} tensor(s) rebuilt by {kind} (not supported)")
+        what = kind if " " in kind else f"tensor(s) rebuilt by {kind} (not supported)"
+        layout.notes.append(f"skipped {count} {what}")
     return layout

@@ -18,6 +18,12 @@ from . import dtypes, torch_pickle, zipmember
 from .base import RangeFile, Reader, TensorInfo
 from .torch_pickle import Refused, StorageRef, TensorRef
 
+# Tensors may alias one storage (tied weights) or view it with stride 0, so their
+# declared sizes can exceed the file. Real checkpoints stay within a few times the
+# file; a pickle naming one storage 20 000 times, or a 2**62-element stride-0 view,
+# would make every scan read terabytes.
+MAX_AMPLIFICATION = 8
+AMPLIFICATION_SLACK = 256 << 20
 # elements whose storage offsets are computed at once when gathering a strided view
 _GATHER_BLOCK = 1 << 18
 # a strided block is read in one piece when its span is at most this many elements
@@ -72,10 +78,19 @@ class TorchReaderBase(Reader):
             raise self.error(exc.cause, exc.reason) from None
         skipped: dict[str, int] = {}
         aux: set[str] = set()
+        assert self._file is not None
+        budget = MAX_AMPLIFICATION * self._file.size + AMPLIFICATION_SLACK
+        declared = 0
         for name, ref in layout.tensors.items():
             if not dtypes.is_supported(ref.dtype):
                 skipped[ref.dtype] = skipped.get(ref.dtype, 0) + 1
                 continue
+            declared += ref.numel * dtypes.itemsize(ref.dtype)
+            if declared > budget:
+                raise self.error(
+                    f"tensors declare more than {budget} bytes in a {self._file.size}-byte "
+                    f"file (at {name!r}): refusing aliased or stride-0 amplification",
+                    "too_large")
             self._check_bounds(name, ref)
             self._refs[name] = ref
             self._infos[name] = TensorInfo(name, ref.size, ref.dtype)
