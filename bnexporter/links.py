@@ -97,7 +97,7 @@ def refine_layers(reader: Reader, layers: list[BNLayer],
             continue
         w = refine.kernel_matrix(reader.read_array(link.kernel), link.layout)
         bias = None if link.bias is None else np.asarray(reader.read(link.bias), np.float64)
-        producers[name] = refine.Producer(link, w, bias)
+        producers[name] = refine.Producer.of(link, w, bias)
     return refine.refine_network(params, producers)
 
 
@@ -242,6 +242,7 @@ def _torch_links(reader: Reader, layers: list[BNLayer]) -> dict[str, Link]:
     shapes = {info.name: info.shape for info in reader.tensors()}
     modules = _module_order(order)
     bn_by_module = {layer.name: layer for layer in layers}
+    block_inputs = _resnet_block_inputs(layers)
     links: dict[str, Link] = {}
     for layer in layers:
         conv = _torch_producer(layer.name, shapes)
@@ -254,10 +255,16 @@ def _torch_links(reader: Reader, layers: list[BNLayer]) -> dict[str, Link]:
         if bias is not None and shapes[bias] != (layer.channels,):
             continue
         feed, groups = None, 0
+        block = re.sub(r"\.(conv1|downsample\.0)$", "", conv)
+        block_input = block_inputs.get(block) if block != conv else None
+        if block_input is not None:
+            cin = _channels(block_input, bn_by_module)
+            if cin == kshape[1]:  # a plain conv reading every channel of the block input
+                feed, groups = block_input, 1
         up = _torch_upstream(conv, modules, bn_by_module)
         # only an activated upstream: a linear BN output often also feeds a residual
         # sum that the names do not show
-        if up is not None and up.consumer in ("relu", "relu6"):
+        if feed is None and up is not None and up.consumer in ("relu", "relu6"):
             per_group = kshape[1]
             if up.channels % per_group == 0 and layer.channels % (up.channels // per_group) == 0:
                 groups = up.channels // per_group
@@ -266,6 +273,48 @@ def _torch_links(reader: Reader, layers: list[BNLayer]) -> dict[str, Link]:
             groups = 1  # a plain conv; a (C, 1, k, k) kernel may be depthwise: unknown
         links[layer.name] = Link(layer.name, f"{conv}.weight", "torch", groups, bias, feed)
     return links
+
+
+_RESNET_BLOCK = re.compile(r"^layer(\d+)\.(\d+)\.bn1$")
+
+
+def _resnet_block_inputs(layers: list[BNLayer]) -> dict[str, Feed]:
+    """Block prefix -> what the block reads, for torchvision-style ResNets.
+
+    Only when the consumers came from a shipped ResNet preset (the names were
+    recognised as torchvision's ``layerL.B`` blocks): a block's output is
+    relu(last BN + shortcut), the shortcut being ``downsample.1`` or the block's
+    own input. The stem's output may pass a max pool (torchvision) or not: that
+    term keeps its range only, which is valid either way.
+    """
+    by_name = {layer.name: layer for layer in layers}
+    sources = {layer.consumer_source for layer in layers}
+    family = next((s.split(":", 1)[1] for s in sources
+                   if s in ("preset:resnet_basic", "preset:resnet_bottleneck")), None)
+    if family is None or "bn1" not in by_name:
+        return {}
+    last = "bn3" if family == "resnet_bottleneck" else "bn2"
+    blocks = sorted((int(m.group(1)), int(m.group(2))) for m in
+                    (_RESNET_BLOCK.match(layer.name) for layer in layers) if m)
+    out: dict[str, Feed] = {}
+    current: Feed = Feed("maxpool", None, (Feed("relu", None, (Feed("bn", "bn1"),)),))
+    for stage, block in blocks:
+        prefix = f"layer{stage}.{block}"
+        if f"{prefix}.{last}" not in by_name:
+            return out
+        out[prefix] = current
+        down = f"{prefix}.downsample.1"
+        skip = Feed("bn", down) if down in by_name else current
+        current = Feed("relu", None, (Feed("add", None, (Feed("bn", f"{prefix}.{last}"), skip)),))
+    return out
+
+
+def _channels(feed: Feed, bns: dict[str, BNLayer]) -> int | None:
+    if feed.op == "bn":
+        layer = bns.get(feed.bn or "")
+        return None if layer is None else layer.channels
+    counts = {_channels(a, bns) for a in feed.args}
+    return counts.pop() if len(counts) == 1 else None
 
 
 def _module_order(names: list[str]) -> list[str]:

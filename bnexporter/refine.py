@@ -40,6 +40,11 @@ if TYPE_CHECKING:  # links.py reads files; this module only needs the shapes of 
 RANGE_SIGMA = 6.0
 # correct the running moments for the training -> inference mode change
 PROPAGATE = True
+# use the predicted skewness of x (shifted-gamma tail) instead of a Gaussian tail
+SKEW = True
+# dead from the range bound over the plain estimate ("bound") or from the tail model
+DEAD_FROM = "bound"
+NEAR_FROM_MODEL = True
 
 _SQRT2PI = math.sqrt(2.0 * math.pi)
 
@@ -79,20 +84,26 @@ class BNParams:
 
 @dataclass
 class Dist:
-    """Per-channel summary of a tensor: mean, variance and a plausible range."""
+    """Per-channel summary of a tensor: mean, variance, third central moment, range."""
 
     mean: np.ndarray
     var: np.ndarray
     lo: np.ndarray
     hi: np.ndarray
-    moments: bool = True  # False once an op (max pooling) invalidates mean / var
+    moments: bool = True  # False once an op (max pooling) invalidates the moments
+    k3: np.ndarray | float = 0.0
 
     def bounded(self) -> Dist:
-        """Mean inside the range; variance at most (range / 2)^2 (Popoviciu)."""
+        """Mean inside the range; variance at most (range / 2)^2 (Popoviciu).
+
+        Shrinking the variance keeps the skewness.
+        """
         lo, hi = np.minimum(self.lo, self.hi), self.hi
-        return Dist(np.clip(self.mean, lo, hi),
-                    np.minimum(np.maximum(self.var, 0.0), np.square((hi - lo) / 2.0)),
-                    lo, hi, self.moments)
+        var0 = np.maximum(self.var, 0.0)
+        var = np.minimum(var0, np.square((hi - lo) / 2.0))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            shrink = np.where(var0 > 0, np.sqrt(var / var0), 0.0) ** 3
+        return Dist(np.clip(self.mean, lo, hi), var, lo, hi, self.moments, self.k3 * shrink)
 
 
 def gaussian(mean: np.ndarray, std: np.ndarray, k: float = RANGE_SIGMA) -> Dist:
@@ -106,38 +117,109 @@ def _phi(z: np.ndarray) -> np.ndarray:
 
 
 def clip(d: Dist, top: float | None) -> Dist:
-    """ReLU (top None) or ReLU6 (top 6) of a Gaussian-summarised input.
+    """ReLU (top None) or ReLU6 (top 6) of an input summarised as a Gaussian.
 
-    Moments are those of a clipped normal with the input's mean and variance;
-    the range is clipped exactly.
+    Mean, variance and third moment are those of the clipped normal with the
+    input's mean and variance (its skewness is not used); the range is exact.
     """
     m, v = d.mean, np.maximum(d.var, 0.0)
     s = np.sqrt(v)
     pos = s > 0
     ss = np.where(pos, s, 1.0)
     a = -m / ss
-    cdf_a, pdf_a = normal_cdf(a), _phi(a)
+    # partial moments of the standard normal over [a, b]: M_k = int_a^b z^k phi(z) dz
+    fa, pa = normal_cdf(a), _phi(a)
     if top is None:
-        cdf_b, pdf_b = np.ones_like(m), np.zeros_like(m)
-        above1 = above2 = b_pdf_b = 0.0
+        fb, pb, b, tail = np.ones_like(m), np.zeros_like(m), np.zeros_like(m), np.zeros_like(m)
     else:
         b = (top - m) / ss
-        cdf_b, pdf_b = normal_cdf(b), _phi(b)
-        above1, above2, b_pdf_b = top * (1 - cdf_b), top * top * (1 - cdf_b), b * pdf_b
-    mid = cdf_b - cdf_a
-    e1 = above1 + m * mid + s * (pdf_a - pdf_b)
-    e2 = above2 + (m * m + v) * mid + 2 * m * s * (pdf_a - pdf_b) + v * (a * pdf_a - b_pdf_b)
-    cap = np.inf if top is None else top
-    e1 = np.where(pos, e1, np.clip(m, 0.0, cap))
+        fb, pb = normal_cdf(b), _phi(b)
+        tail = 1.0 - fb  # mass clipped to ``top``
+    m0 = fb - fa
+    m1 = pa - pb
+    m2 = m0 + a * pa - b * pb
+    m3 = 2.0 * m1 + a * a * pa - b * b * pb
+    cap = 0.0 if top is None else top
+    e1 = m * m0 + s * m1 + cap * tail
+    e2 = m * m * m0 + 2 * m * s * m1 + v * m2 + cap ** 2 * tail
+    e3 = m ** 3 * m0 + 3 * m * m * s * m1 + 3 * m * v * m2 + v * s * m3 + cap ** 3 * tail
+    hi_cap = np.inf if top is None else top
+    const = np.clip(m, 0.0, hi_cap)
+    e1 = np.where(pos, e1, const)
     var = np.where(pos, np.maximum(e2 - e1 * e1, 0.0), 0.0)
-    return Dist(e1, var, np.clip(d.lo, 0.0, cap), np.clip(d.hi, 0.0, cap), d.moments).bounded()
+    k3 = np.where(pos, e3 - 3 * e1 * e2 + 2 * e1 ** 3, 0.0)
+    return Dist(e1, var, np.clip(d.lo, 0.0, hi_cap), np.clip(d.hi, 0.0, hi_cap), d.moments,
+                k3).bounded()
 
 
 def add(parts: list[Dist]) -> Dist:
-    """Sum of inputs, moments as if independent; ranges add exactly."""
+    """Sum of inputs, cumulants as if independent; ranges add exactly."""
     return Dist(sum(p.mean for p in parts), sum(p.var for p in parts),
                 sum(p.lo for p in parts), sum(p.hi for p in parts),
-                all(p.moments for p in parts))
+                all(p.moments for p in parts), sum(p.k3 for p in parts))
+
+
+def _gamma_p_q(a: float, x: float) -> tuple[float, float]:
+    """Regularised incomplete gamma (P, Q); series below a + 1, continued fraction above."""
+    if x <= 0.0:
+        return 0.0, 1.0
+    log_front = -x + a * math.log(x) - math.lgamma(a)
+    if x < a + 1.0:
+        term = total = 1.0 / a
+        n = a
+        for _ in range(10_000):
+            n += 1.0
+            term *= x / n
+            total += term
+            if abs(term) < abs(total) * 1e-15:
+                break
+        p = min(1.0, total * math.exp(log_front))
+        return p, 1.0 - p
+    tiny = 1e-300
+    b = x + 1.0 - a
+    c, d = 1.0 / tiny, 1.0 / b
+    h = d
+    for i in range(1, 10_000):
+        an = -i * (i - a)
+        b += 2.0
+        d = an * d + b
+        d = tiny if abs(d) < tiny else d
+        c = b + an / c
+        c = tiny if abs(c) < tiny else c
+        d = 1.0 / d
+        delta = d * c
+        h *= delta
+        if abs(delta - 1.0) < 1e-15:
+            break
+    q = min(1.0, math.exp(log_front) * h)
+    return 1.0 - q, q
+
+
+def _pearson3_sf_one(z: float, skew: float) -> float:
+    if abs(skew) < 1e-3:
+        return 0.5 * math.erfc(z / math.sqrt(2.0))
+    k = 4.0 / (skew * skew)
+    if k > 1e4:  # Wilson-Hilferty: a gamma this close to normal
+        g = k + math.copysign(1.0, skew) * z * math.sqrt(k)
+        if g <= 0:
+            return 1.0 if skew > 0 else 0.0
+        w = ((g / k) ** (1.0 / 3.0) - (1.0 - 1.0 / (9.0 * k))) * math.sqrt(9.0 * k)
+        upper = 0.5 * math.erfc(w / math.sqrt(2.0))
+        return upper if skew > 0 else 1.0 - upper
+    if skew > 0:  # z = (G - k) / sqrt(k)
+        return _gamma_p_q(k, k + z * math.sqrt(k))[1] if k + z * math.sqrt(k) > 0 else 1.0
+    g = k - z * math.sqrt(k)  # z = (k - G) / sqrt(k): bounded above by sqrt(k)
+    return _gamma_p_q(k, g)[0] if g > 0 else 0.0
+
+
+def pearson3_sf(z: np.ndarray, skew: np.ndarray) -> np.ndarray:
+    """P(U > z) for a standardised shifted gamma U with the given skewness.
+
+    The three-moment model of a skewed sum: skewness 0 is the normal; a negative
+    skewness bounds U above at 2 / |skew| (a short right tail), a positive one
+    gives a long right tail.
+    """
+    return np.vectorize(_pearson3_sf_one, otypes=[np.float64])(z, skew)
 
 
 def kernel_matrix(kernel: np.ndarray, layout: str) -> np.ndarray:
@@ -154,37 +236,89 @@ def kernel_matrix(kernel: np.ndarray, layout: str) -> np.ndarray:
     return k.reshape(-1, cin, cout).transpose(2, 1, 0)
 
 
+@dataclass(frozen=True)
+class KernelStats:
+    """What the refinement needs from a (out, in_per_group, taps) kernel.
+
+    Per (output, input) pair: the sums of the positive and negative taps (for
+    range bounds: each tap takes its input at its best or worst) and the sums of
+    w^2 and w^3 over the taps (for moments with correlated taps).
+    """
+
+    wpos: np.ndarray
+    wneg: np.ndarray
+    w2: np.ndarray
+    w3: np.ndarray
+    taps: int
+
+    @staticmethod
+    def of(w: np.ndarray) -> KernelStats:
+        w = np.asarray(w, np.float64)
+        return KernelStats(np.maximum(w, 0.0).sum(axis=2), np.minimum(w, 0.0).sum(axis=2),
+                           np.square(w).sum(axis=2), (w ** 3).sum(axis=2), w.shape[2])
+
+
 @dataclass
 class ConvInput:
-    """Predicted BN input x for every output channel of a producer."""
+    """Predicted BN input x for every output channel of a producer.
+
+    Moments come in two limits for the taps of one input channel: independent
+    (``_ind``) and identical (``_full``: neighbouring pixels alike). Input
+    channels are independent in both.
+    """
 
     mean: np.ndarray
-    var: np.ndarray  # taps of one input channel fully correlated, channels independent
     lo: np.ndarray
     hi: np.ndarray
     moments: bool
+    var_ind: np.ndarray
+    var_full: np.ndarray
+    k3_ind: np.ndarray
+    k3_full: np.ndarray
+
+    def var(self, rho: np.ndarray | float) -> np.ndarray:
+        return (1.0 - rho) * self.var_ind + rho * self.var_full
+
+    def k3(self, rho: np.ndarray | float) -> np.ndarray:
+        """One-factor model: tap = sqrt(rho) F + sqrt(1 - rho) E_tap, cumulants add."""
+        rho = np.clip(rho, 0.0, 1.0)
+        return (1.0 - rho) ** 1.5 * self.k3_ind + rho ** 1.5 * self.k3_full
+
+    def rho(self, var: np.ndarray) -> np.ndarray:
+        """Tap correlation that makes the predicted variance equal ``var``."""
+        span = self.var_full - self.var_ind
+        with np.errstate(divide="ignore", invalid="ignore"):
+            r = np.where(np.abs(span) > 1e-12 * np.abs(self.var_full),
+                         (var - self.var_ind) / span, 1.0)
+        return np.clip(np.where(np.isfinite(r), r, 1.0), 0.0, 1.0)
 
 
-def conv_input(w: np.ndarray, groups: int, feed: Dist, bias: np.ndarray | None) -> ConvInput:
-    """Moments and range of x = sum(w * a) + bias, with a distributed as ``feed``."""
-    out, per_group, taps = w.shape
+def conv_input(ks: KernelStats, groups: int, feed: Dist, bias: np.ndarray | None) -> ConvInput:
+    """Moments and range of x = sum(w * a) + bias, with a distributed as ``feed``.
+
+    With several taps, zero padding can feed zeros at the borders: the range of
+    every input is widened to contain 0.
+    """
+    out, per_group = ks.wpos.shape
     cin = feed.mean.shape[0]
     if groups <= 0 or cin != per_group * groups or out % groups:
         raise ValueError("kernel does not match its input")
     idx = (np.arange(out)[:, None] // (out // groups)) * per_group + np.arange(per_group)[None, :]
     m, v, lo, hi = feed.mean[idx], feed.var[idx], feed.lo[idx], feed.hi[idx]
-    if taps > 1:  # zero padding: border taps read 0
+    k3 = np.broadcast_to(np.asarray(feed.k3, np.float64), feed.mean.shape)[idx]
+    if ks.taps > 1:
         lo, hi = np.minimum(lo, 0.0), np.maximum(hi, 0.0)
-    wpos = np.maximum(w, 0.0).sum(axis=2)
-    wneg = np.minimum(w, 0.0).sum(axis=2)
-    wsum = wpos + wneg
+    wsum = ks.wpos + ks.wneg
     b = np.zeros(out) if bias is None else np.asarray(bias, np.float64)
     return ConvInput(
         mean=(wsum * m).sum(axis=1) + b,
-        var=(np.square(wsum) * v).sum(axis=1),
-        lo=(wpos * lo + wneg * hi).sum(axis=1) + b,
-        hi=(wpos * hi + wneg * lo).sum(axis=1) + b,
-        moments=feed.moments)
+        lo=(ks.wpos * lo + ks.wneg * hi).sum(axis=1) + b,
+        hi=(ks.wpos * hi + ks.wneg * lo).sum(axis=1) + b,
+        moments=feed.moments,
+        var_ind=(ks.w2 * v).sum(axis=1),
+        var_full=(np.square(wsum) * v).sum(axis=1),
+        k3_ind=(ks.w3 * k3).sum(axis=1),
+        k3_full=(wsum ** 3 * k3).sum(axis=1))
 
 
 @dataclass
@@ -196,15 +330,20 @@ class Refined:
     y_hi: np.ndarray
     x_mean: np.ndarray    # inference-mode moments of the BN input
     x_var: np.ndarray
+    x_k3: np.ndarray | float = 0.0
 
 
 @dataclass(frozen=True)
 class Producer:
-    """A link with its kernel read: (out, in_per_group, taps) and optional bias."""
+    """A link with its kernel reduced to :class:`KernelStats`, and its bias."""
 
     link: Link
-    w: np.ndarray
+    kernel: KernelStats
     bias: np.ndarray | None
+
+    @staticmethod
+    def of(link: Link, w: np.ndarray, bias: np.ndarray | None) -> Producer:
+        return Producer(link, KernelStats.of(w), bias)
 
 
 def refine_network(params: Mapping[str, BNParams], producers: Mapping[str, Producer],
@@ -216,7 +355,7 @@ def refine_network(params: Mapping[str, BNParams], producers: Mapping[str, Produ
     ``None`` takes the module defaults ``PROPAGATE`` / ``RANGE_SIGMA``.
     """
     net = _Network(params, producers, PROPAGATE if propagate is None else propagate,
-                   RANGE_SIGMA if k is None else k)
+                   RANGE_SIGMA if k is None else k, SKEW)
     for name in producers:
         net.visit(name, set())
     return net.done
@@ -224,9 +363,9 @@ def refine_network(params: Mapping[str, BNParams], producers: Mapping[str, Produ
 
 class _Network:
     def __init__(self, params: Mapping[str, BNParams], producers: Mapping[str, Producer],
-                 propagate: bool, k: float):
+                 propagate: bool, k: float, skew: bool):
         self.params, self.producers = params, producers
-        self.propagate, self.k = propagate, k
+        self.propagate, self.k, self.skew = propagate, k, skew
         self.done: dict[str, Refined] = {}
         self.failed: set[str] = set()
 
@@ -263,6 +402,7 @@ class _Network:
         mean = bn.beta + bn.gamma * (ref.x_mean - bn.mean) / bn.sd
         std = np.abs(bn.gamma) * np.sqrt(ref.x_var) / bn.sd
         inf = gaussian(mean, std, self.k)
+        inf.k3 = (bn.gamma / bn.sd) ** 3 * ref.x_k3
         inf.lo = np.maximum(inf.lo, ref.y_lo)
         inf.hi = np.minimum(inf.hi, ref.y_hi)
         return train, inf.bounded()
@@ -284,34 +424,57 @@ class _Network:
         return None
 
     def _refine(self, bn: BNParams, prod: Producer, train: Dist, inf: Dist) -> Refined:
-        w, groups = prod.w, prod.link.groups
-        ci = conv_input(w, groups, inf, prod.bias)
-        x_mean, x_var = bn.mean, bn.var
-        if self.propagate and ci.moments:
-            ct = conv_input(w, groups, train, prod.bias)
-            scale = max(float(np.median(ct.var)), 1e-30) * 1e-9
-            x_mean = bn.mean + (ci.mean - ct.mean)
-            x_var = bn.var * (ci.var + scale) / (ct.var + scale)
-        x = Dist(x_mean, x_var, ci.lo, ci.hi).bounded()
+        ks, groups = prod.kernel, prod.link.groups
+        ci = conv_input(ks, groups, inf, prod.bias)
+        x_mean, x_var, skew = bn.mean, bn.var, np.zeros_like(bn.mean)
+        if ci.moments:
+            # the running variance (training mode) tells how alike the taps are
+            ct = conv_input(ks, groups, train, prod.bias)
+            rho = ct.rho(bn.var)
+            if self.propagate:
+                vt, vi = ct.var(rho), ci.var(rho)
+                scale = max(float(np.median(vt)), 1e-30) * 1e-9
+                x_mean = bn.mean + (ci.mean - ct.mean)
+                x_var = bn.var * (vi + scale) / (vt + scale)
+            if self.skew:
+                vi = ci.var(rho)
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    skew = np.where(vi > 0, ci.k3(rho) / np.maximum(vi, 1e-300) ** 1.5, 0.0)
+                skew = np.where(np.isfinite(skew), skew, 0.0)
+        x = Dist(x_mean, x_var, ci.lo, ci.hi, True, skew * np.maximum(x_var, 0.0) ** 1.5)
+        x = x.bounded()
         ya = bn.gamma * (ci.hi - bn.mean) / bn.sd + bn.beta
         yb = bn.gamma * (ci.lo - bn.mean) / bn.sd + bn.beta
         y_lo, y_hi = np.minimum(ya, yb), np.maximum(ya, yb)
-        y_mean = bn.beta + bn.gamma * (x.mean - bn.mean) / bn.sd
-        y_std = np.abs(bn.gamma) * np.sqrt(x.var) / bn.sd
+        # y > 0  <=>  u > z with u = sign(gamma) (x - mean_x) / std_x
+        sign = np.where(bn.gamma < 0, -1.0, 1.0)
+        std = np.sqrt(x.var)
         with np.errstate(divide="ignore", invalid="ignore"):
-            z = np.where(y_std > 0, y_mean / y_std, 0.0)
-        p = np.where(y_std > 0, normal_cdf(z), (y_mean > 0).astype(np.float64))
+            z = (-bn.beta * bn.sd / np.abs(bn.gamma) - sign * (x.mean - bn.mean)) / std
+            u_skew = np.where(std > 0, sign * x.k3 / std ** 3, 0.0)
+        ok = (std > 0) & np.isfinite(z) & (bn.gamma != 0)
+        p = pearson3_sf(np.where(ok, z, 0.0), np.where(ok, u_skew, 0.0))
+        y_const = bn.beta + bn.gamma * (x.mean - bn.mean) / bn.sd
+        p = np.where(ok, p, (y_const > 0).astype(np.float64))
         p = np.where(y_hi <= 0, 0.0, np.where(y_lo > 0, 1.0, p))
-        return Refined(p, y_lo, y_hi, x.mean, x.var)
+        return Refined(p, y_lo, y_hi, x.mean, x.var, x.k3)
 
 
 def apply(res: ChannelResult, ref: Refined, consumer: str, th: Thresholds) -> ChannelResult:
-    """The plain result with dead / near-dead (and constant) taken from ``ref``."""
-    p = np.where(np.isfinite(res.p_active), ref.p_active, np.nan)
-    finite = np.isfinite(p)
+    """The plain result refined by ``ref``.
+
+    ``p_active`` (and so dead) is the plain Gaussian value unless the range bound
+    settles the channel: 0 when its output can never exceed 0, 1 when it never
+    falls below. Near-dead also takes the refined tail model (propagated
+    moments, skewness): an early warning may use the less certain model.
+    """
+    finite = np.isfinite(res.p_active)
+    bound = np.where(ref.y_hi <= 0, 0.0, np.where(ref.y_lo > 0, 1.0, res.p_active))
+    p = np.where(finite, bound if DEAD_FROM == "bound" else ref.p_active, np.nan)
     relu_like = consumer in RELU_LIKE
     dead = relu_like & finite & (p < th.dead_p)
-    near = relu_like & finite & ~dead & (p < th.near_dead_p)
+    warn = (p < th.near_dead_p) | (NEAR_FROM_MODEL & (ref.p_active < th.near_dead_p))
+    near = relu_like & finite & ~dead & warn
     width = ref.y_hi - ref.y_lo
     const = finite & (ref.y_lo > 0) & (width <= th.constant_rel * np.abs(ref.y_hi))
     idx = lambda mask: [int(i) for i in np.flatnonzero(mask)]  # noqa: E731

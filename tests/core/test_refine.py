@@ -72,7 +72,7 @@ def test_conv_input_range_contains_every_input_and_is_attained():
     w = rng.normal(size=(4, 3, 9))
     lo, hi = np.array([0.0, 0.0, -1.0]), np.array([6.0, 2.0, 1.5])
     feed = refine.Dist((lo + hi) / 2, np.ones(3), lo, hi)
-    ci = refine.conv_input(w, 1, feed, np.array([0.5, 0, 0, 0]))
+    ci = refine.conv_input(refine.KernelStats.of(w), 1, feed, np.array([0.5, 0, 0, 0]))
     a = rng.uniform(lo[None, :, None], hi[None, :, None], size=(2000, 3, 9))
     x = np.einsum("oit,nit->no", w, a) + np.array([0.5, 0, 0, 0])
     assert (x <= ci.hi + 1e-9).all() and (x >= ci.lo - 1e-9).all()
@@ -83,7 +83,7 @@ def test_conv_input_range_contains_every_input_and_is_attained():
 def test_conv_input_rejects_a_kernel_that_does_not_fit():
     feed = refine.gaussian(np.zeros(6), np.ones(6))
     with pytest.raises(ValueError):
-        refine.conv_input(np.ones((4, 4, 1)), 1, feed, None)
+        refine.conv_input(refine.KernelStats.of(np.ones((4, 4, 1))), 1, feed, None)
 
 
 # -- the network refinement ---------------------------------------------------------
@@ -98,7 +98,7 @@ def _dw_network(up_beta, dw_kernel, dw_beta=-0.2, dw_mean=0.0, dw_var=1.0):
     link = Link("dw_bn", "dw/kernel", "keras_dw", 4, None,
                 Feed("relu6", None, (Feed("bn", "up_bn"),)))
     w = refine.kernel_matrix(dw_kernel, "keras_dw")
-    return {"up_bn": up, "dw_bn": dw}, {"dw_bn": refine.Producer(link, w, None)}
+    return {"up_bn": up, "dw_bn": dw}, {"dw_bn": refine.Producer.of(link, w, None)}
 
 
 def test_dead_upstream_makes_the_depthwise_channel_constant():
@@ -276,3 +276,81 @@ def test_refinement_finds_more_truly_dead_channels_early_in_training():
     assert tp0 + fn0 == tp1 + fn1 > 100
     assert tp1 / (tp1 + fn1) >= tp0 / (tp0 + fn0) + 0.05   # recall gain
     assert tp1 / (tp1 + fp1) >= 0.95                        # precision kept
+
+
+# -- skewed tails and correlated taps ------------------------------------------------------
+
+@pytest.mark.parametrize("skew", [0.8, -0.8, -2.5, 1e-5])
+def test_shifted_gamma_tail_matches_sampling(skew):
+    rng = np.random.default_rng(3)
+    k = 4.0 / max(skew * skew, 1e-8)
+    g = rng.gamma(min(k, 1e6), 1.0, 1_000_000)
+    u = np.sign(skew) * (g - min(k, 1e6)) / np.sqrt(min(k, 1e6))
+    for z in (-1.0, 0.5, 2.0):
+        assert refine.pearson3_sf(np.array(z), np.array(skew)) == pytest.approx(
+            (u > z).mean(), abs=3e-3)
+
+
+def test_negative_skew_bounds_the_tail():
+    # a shifted gamma with skewness -1 cannot exceed 2 / |skew| = 2 standard deviations
+    assert refine.pearson3_sf(np.array(2.01), np.array(-1.0)) == 0.0
+    assert refine.pearson3_sf(np.array(1.9), np.array(-1.0)) > 0.0
+
+
+@pytest.mark.parametrize("rho", [0.0, 1.0, 0.5])
+def test_correlated_tap_moments_match_a_one_factor_simulation(rho):
+    rng = np.random.default_rng(4)
+    w = rng.normal(size=(2, 1, 9))
+    n = 400_000
+    base = np.maximum(rng.normal(-0.3, 1.0, size=(n, 1)), 0)      # shared by all taps
+    own = np.maximum(rng.normal(-0.3, 1.0, size=(n, 9)), 0)       # per tap
+    a = np.sqrt(rho) * base + np.sqrt(1 - rho) * own             # one-factor taps
+    x = a @ w[:, 0, :].T
+    feed = refine.clip(refine.gaussian(np.array([-0.3]), np.array([1.0])), None)
+    # the factor model scales one ReLU'd normal: match its cumulants per tap
+    feed = refine.Dist(feed.mean * (np.sqrt(rho) + np.sqrt(1 - rho)), feed.var, feed.lo,
+                       feed.hi, True, feed.k3)
+    ci = refine.conv_input(refine.KernelStats.of(w), 1, feed, None)
+    np.testing.assert_allclose(ci.var(rho), x.var(0), rtol=0.03)
+    central3 = ((x - x.mean(0)) ** 3).mean(0)
+    np.testing.assert_allclose(ci.k3(rho), central3, rtol=0.1, atol=0.02)
+    assert ci.rho(x.var(0)) == pytest.approx([rho, rho], abs=0.05)
+
+
+def test_dead_comes_from_the_bound_near_dead_may_come_from_the_model():
+    plain = classify_channels(np.ones(3), np.full(3, -0.5), np.zeros(3), np.ones(3), 1e-3,
+                              "relu")
+    ref = refine.Refined(p_active=np.array([1e-6, 1e-6, 0.3]),
+                         y_lo=np.array([-5.0, -5.0, -5.0]), y_hi=np.array([-0.1, 2.0, 2.0]),
+                         x_mean=np.zeros(3), x_var=np.ones(3))
+    res = refine.apply(plain, ref, "relu", Thresholds())
+    assert res.dead == [0]            # only the bound proves death
+    assert res.near_dead == [1]       # the tail model warns
+    assert res.p_active[1] == pytest.approx(plain.p_active[1])
+
+
+def test_torch_resnet_block_inputs_from_the_preset():
+    names = [("conv1.weight", (8, 3, 3, 3)), *_bn("bn1", 8)]
+    for blk, cin, cout, down in (("layer1.0", 8, 8, False), ("layer1.1", 8, 8, False),
+                                 ("layer2.0", 8, 16, True), ("layer2.1", 16, 16, False)):
+        names += [(f"{blk}.conv1.weight", (cout, cin, 3, 3)), *_bn(f"{blk}.bn1", cout),
+                  (f"{blk}.conv2.weight", (cout, cout, 3, 3)), *_bn(f"{blk}.bn2", cout)]
+        if down:
+            names += [(f"{blk}.downsample.0.weight", (cout, cin, 1, 1)),
+                      *_bn(f"{blk}.downsample.1", cout)]
+    arrays = {n: np.ones(s) for n, s in names}
+    reader = DictReader(arrays, "torch")
+    layers = discover(reader)
+    assert {layer.consumer_source for layer in layers} == {"preset:resnet_basic"}
+    links = find_links(reader, layers)
+    stem = Feed("maxpool", None, (Feed("relu", None, (Feed("bn", "bn1"),)),))
+    out10 = Feed("relu", None, (Feed("add", None, (Feed("bn", "layer1.0.bn2"), stem)),))
+    out11 = Feed("relu", None, (Feed("add", None, (Feed("bn", "layer1.1.bn2"), out10)),))
+    out20 = Feed("relu", None, (Feed("add", None, (Feed("bn", "layer2.0.bn2"),
+                                                   Feed("bn", "layer2.0.downsample.1"))),))
+    assert links["layer1.0.bn1"].feed == stem
+    assert links["layer1.1.bn1"].feed == out10
+    assert links["layer2.0.bn1"].feed == out11
+    assert links["layer2.0.downsample.1"].feed == out11
+    assert links["layer2.1.bn1"].feed == out20
+    assert links["layer2.1.bn1"].groups == 1
