@@ -44,25 +44,37 @@ class ConsumerRules:
                 raise ValueError(f"unknown preset {name!r}; known: auto, "
                                  f"{', '.join(sorted(PRESETS))}")
 
-    def resolve_preset(self, layer_names: list[str]) -> str | None:
-        """The preset to apply to a checkpoint with these BN layer names."""
+    def resolve_preset(self, layer_names: list[str]) -> tuple[str | None, str]:
+        """The preset for a checkpoint with these BN layer names, and the name prefix
+        (e.g. Lightning's ``model.``) to strip before matching its patterns."""
+        prefix = _shared_prefix(layer_names)
         for name in self.presets:
             if name != "auto":
-                return name
-            guess = guess_family(layer_names)
+                return name, prefix
+            guess = guess_family([n[len(prefix):] for n in layer_names])
             if guess:
-                return guess
-        return None
+                return guess, prefix
+        return None, ""
 
-    def lookup(self, layer: str, preset: str | None) -> tuple[str | None, str]:
+    def lookup(self, layer: str, preset: str | None, prefix: str = ""
+               ) -> tuple[str | None, str]:
         for pattern, consumer in self.rules:
             if fnmatch.fnmatchcase(layer, pattern):
                 return consumer, f"rule:{pattern}"
         if preset is not None:
+            short = layer[len(prefix):] if prefix and layer.startswith(prefix) else layer
             for pattern, consumer in PRESETS[preset]:
-                if fnmatch.fnmatchcase(layer, pattern):
+                if fnmatch.fnmatchcase(short, pattern):
                     return consumer, f"preset:{preset}"
         return None, "none"
+
+
+def _shared_prefix(names: list[str]) -> str:
+    """A leading ``attr.`` that every name shares (Lightning's ``model.``), else ''."""
+    heads = {n.split(".", 1)[0] for n in names if "." in n}
+    if len(heads) == 1 and all("." in n for n in names) and len(names) > 1:
+        return heads.pop() + "."
+    return ""
 
 
 def guess_family(layer_names: list[str]) -> str | None:

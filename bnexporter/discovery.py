@@ -47,7 +47,8 @@ def discover(reader: Reader, rules: ConsumerRules | None = None,
         reader.format == "keras" and any(_K3_VARS.match(n) for n in reader.names())
     ) else _suffix_groups(reader)
     rules = rules or ConsumerRules()
-    preset = rules.resolve_preset(list(groups)) if meta.framework == "torch" else None
+    preset, prefix = rules.resolve_preset(list(groups)) if meta.framework == "torch" \
+        else (None, "")
     layers = []
     for name, roles in groups.items():
         mean, var = roles.get("mean"), roles.get("var")
@@ -69,7 +70,7 @@ def discover(reader: Reader, rules: ConsumerRules | None = None,
             fw = meta.framework if meta.framework in DEFAULT_EPS else (
                 "torch" if mean.endswith("running_mean") else "keras")
             eps, eps_source = DEFAULT_EPS[fw], f"default:{'pytorch' if fw == 'torch' else fw}"
-        consumer, source = rules.lookup(name, preset)
+        consumer, source = rules.lookup(name, preset, prefix)
         if consumer is None:
             if graph is not None and spec is not None:
                 consumer, source = graph.consumer(name), "config"
