@@ -47,13 +47,16 @@ class ConsumerRules:
     def resolve_preset(self, layer_names: list[str]) -> tuple[str | None, str]:
         """The preset for a checkpoint with these BN layer names, and the name prefix
         (e.g. Lightning's ``model.``) to strip before matching its patterns."""
-        prefix = _shared_prefix(layer_names)
+        shared = _shared_prefix(layer_names)
         for name in self.presets:
-            if name != "auto":
-                return name, prefix
-            guess = guess_family([n[len(prefix):] for n in layer_names])
-            if guess:
-                return guess, prefix
+            for prefix in ("", shared):
+                short = [n[len(prefix):] for n in layer_names]
+                if name == "auto":
+                    guess = guess_family(short)
+                    if guess:
+                        return guess, prefix
+                elif any(fnmatch.fnmatchcase(n, p) for n in short for p, _ in PRESETS[name]):
+                    return name, prefix
         return None, ""
 
     def lookup(self, layer: str, preset: str | None, prefix: str = ""

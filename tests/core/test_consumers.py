@@ -51,3 +51,8 @@ def test_bad_rules_are_refused():
     with pytest.raises(ValueError, match="preset"):
         ConsumerRules(presets=["resnet9000"])
     assert "resnet_basic" in PRESETS
+
+
+def test_explicit_preset_also_strips_the_lightning_prefix():
+    got = _kinds(["model." + n for n in BASIC], ConsumerRules(presets=["resnet_basic"]))
+    assert got["model.layer1.0.bn2"] == "add"
