@@ -30,7 +30,7 @@ class Thresholds:
     extreme: float = 1e5          # |w| > T huge, 0 < |w| < 1/T tiny (capped per dtype)
     dead_filter_rel: float = 1e-6  # filter norm below this times the median norm: dead
     refine: bool = True           # refine p_active from producer kernels (refine.py)
-    refine_kernel_max: int = 1 << 24  # skip the refinement for larger producer kernels
+    refine_kernel_max: int = 1 << 22  # larger producer kernels keep the plain estimate
 
 
 @dataclass(frozen=True)

@@ -75,7 +75,7 @@ def find_links(reader: Reader, layers: list[BNLayer]) -> dict[str, Link]:
 
 
 def refine_layers(reader: Reader, layers: list[BNLayer],
-                  kernel_max: int = 1 << 24) -> dict[str, refine.Refined]:
+                  kernel_max: int = 1 << 22) -> dict[str, refine.Refined]:
     """Read what the refinement needs (BN vectors, producer kernels) and run it.
 
     Kernels larger than ``kernel_max`` elements are not read: their layers keep
@@ -275,7 +275,7 @@ def _torch_links(reader: Reader, layers: list[BNLayer]) -> dict[str, Link]:
     return links
 
 
-_RESNET_BLOCK = re.compile(r"^layer(\d+)\.(\d+)\.bn1$")
+_RESNET_BLOCK = re.compile(r"^(.*?)layer(\d+)\.(\d+)\.bn1$")
 
 
 def _resnet_block_inputs(layers: list[BNLayer]) -> dict[str, Feed]:
@@ -291,15 +291,19 @@ def _resnet_block_inputs(layers: list[BNLayer]) -> dict[str, Feed]:
     sources = {layer.consumer_source for layer in layers}
     family = next((s.split(":", 1)[1] for s in sources
                    if s in ("preset:resnet_basic", "preset:resnet_bottleneck")), None)
-    if family is None or "bn1" not in by_name:
+    found = [m for m in (_RESNET_BLOCK.match(layer.name) for layer in layers) if m]
+    prefixes = {m.group(1) for m in found}
+    if family is None or len(prefixes) != 1:
+        return {}
+    pre = prefixes.pop()  # e.g. Lightning's "model."
+    if f"{pre}bn1" not in by_name:
         return {}
     last = "bn3" if family == "resnet_bottleneck" else "bn2"
-    blocks = sorted((int(m.group(1)), int(m.group(2))) for m in
-                    (_RESNET_BLOCK.match(layer.name) for layer in layers) if m)
+    blocks = sorted((int(m.group(2)), int(m.group(3))) for m in found)
     out: dict[str, Feed] = {}
-    current: Feed = Feed("maxpool", None, (Feed("relu", None, (Feed("bn", "bn1"),)),))
+    current = Feed("maxpool", None, (Feed("relu", None, (Feed("bn", f"{pre}bn1"),)),))
     for stage, block in blocks:
-        prefix = f"layer{stage}.{block}"
+        prefix = f"{pre}layer{stage}.{block}"
         if f"{prefix}.{last}" not in by_name:
             return out
         out[prefix] = current

@@ -199,7 +199,7 @@ def _pearson3_sf_one(z: float, skew: float) -> float:
     if abs(skew) < 1e-3:
         return 0.5 * math.erfc(z / math.sqrt(2.0))
     k = 4.0 / (skew * skew)
-    if k > 1e4:  # Wilson-Hilferty: a gamma this close to normal
+    if k > 50:  # Wilson-Hilferty: accurate for a gamma this close to normal
         g = k + math.copysign(1.0, skew) * z * math.sqrt(k)
         if g <= 0:
             return 1.0 if skew > 0 else 0.0
@@ -224,7 +224,7 @@ def pearson3_sf(z: np.ndarray, skew: np.ndarray) -> np.ndarray:
 
 def kernel_matrix(kernel: np.ndarray, layout: str) -> np.ndarray:
     """Any supported kernel as (out, in_per_group, taps)."""
-    k = np.asarray(kernel, np.float64)
+    k = np.asarray(kernel, np.float32)
     if layout == "torch":
         return k.reshape(k.shape[0], k.shape[1], -1)
     if layout == "keras_dw":  # (..., in, mult): output channel = in * mult + m
@@ -241,21 +241,39 @@ class KernelStats:
     """What the refinement needs from a (out, in_per_group, taps) kernel.
 
     Per (output, input) pair: the sums of the positive and negative taps (for
-    range bounds: each tap takes its input at its best or worst) and the sums of
-    w^2 and w^3 over the taps (for moments with correlated taps).
+    range bounds: each tap takes its input at its best or worst), the tap sum
+    and its square and cube (taps alike), and the sums of w^2 and w^3 (taps
+    independent). Computed once per kernel; the kernel itself is not kept.
     """
 
     wpos: np.ndarray
     wneg: np.ndarray
+    wsum: np.ndarray
+    wsum2: np.ndarray
+    wsum3: np.ndarray
     w2: np.ndarray
     w3: np.ndarray
     taps: int
 
     @staticmethod
     def of(w: np.ndarray) -> KernelStats:
-        w = np.asarray(w, np.float64)
-        return KernelStats(np.maximum(w, 0.0).sum(axis=2), np.minimum(w, 0.0).sum(axis=2),
-                           np.square(w).sum(axis=2), (w ** 3).sum(axis=2), w.shape[2])
+        """Float32 throughout: these feed moment estimates, not exact arithmetic."""
+        w = np.asarray(w, np.float32)
+        out, per_group, taps = w.shape
+        if taps == 1:  # 1x1 conv / dense: every sum is the weight itself
+            one = np.ascontiguousarray(w[:, :, 0])
+            sq = one * one
+            cube = sq * one
+            return KernelStats(np.maximum(one, 0), np.minimum(one, 0), one, sq, cube, sq, cube, 1)
+        flat = w.reshape(-1, taps)
+        ones = np.ones(taps, np.float32)
+        # sums over a short last axis: a matrix-vector product is much faster than .sum
+        tap_sum = lambda a: (a @ ones).reshape(out, per_group)  # noqa: E731
+        w2 = flat * flat
+        wsum, wpos = tap_sum(flat), tap_sum(np.maximum(flat, 0))
+        sq = wsum * wsum
+        return KernelStats(wpos, wsum - wpos, wsum, sq, sq * wsum, tap_sum(w2),
+                           tap_sum(w2 * flat), taps)
 
 
 @dataclass
@@ -303,22 +321,29 @@ def conv_input(ks: KernelStats, groups: int, feed: Dist, bias: np.ndarray | None
     cin = feed.mean.shape[0]
     if groups <= 0 or cin != per_group * groups or out % groups:
         raise ValueError("kernel does not match its input")
-    idx = (np.arange(out)[:, None] // (out // groups)) * per_group + np.arange(per_group)[None, :]
-    m, v, lo, hi = feed.mean[idx], feed.var[idx], feed.lo[idx], feed.hi[idx]
-    k3 = np.broadcast_to(np.asarray(feed.k3, np.float64), feed.mean.shape)[idx]
+    lo, hi = feed.lo, feed.hi
     if ks.taps > 1:
         lo, hi = np.minimum(lo, 0.0), np.maximum(hi, 0.0)
-    wsum = ks.wpos + ks.wneg
+    k3 = np.broadcast_to(np.asarray(feed.k3, np.float64), feed.mean.shape)
+
+    def mix(w: np.ndarray, a: np.ndarray) -> np.ndarray:
+        """sum over the inputs of each output's group: w (out, per_group) . a (cin,)"""
+        a32 = np.asarray(a, np.float32)
+        if groups == 1:
+            return (w @ a32).astype(np.float64)
+        return np.einsum("gop,gp->go", w.reshape(groups, out // groups, per_group),
+                         a32.reshape(groups, per_group)).reshape(out).astype(np.float64)
+
     b = np.zeros(out) if bias is None else np.asarray(bias, np.float64)
     return ConvInput(
-        mean=(wsum * m).sum(axis=1) + b,
-        lo=(ks.wpos * lo + ks.wneg * hi).sum(axis=1) + b,
-        hi=(ks.wpos * hi + ks.wneg * lo).sum(axis=1) + b,
+        mean=mix(ks.wsum, feed.mean) + b,
+        lo=mix(ks.wpos, lo) + mix(ks.wneg, hi) + b,
+        hi=mix(ks.wpos, hi) + mix(ks.wneg, lo) + b,
         moments=feed.moments,
-        var_ind=(ks.w2 * v).sum(axis=1),
-        var_full=(np.square(wsum) * v).sum(axis=1),
-        k3_ind=(ks.w3 * k3).sum(axis=1),
-        k3_full=(wsum ** 3 * k3).sum(axis=1))
+        var_ind=mix(ks.w2, feed.var),
+        var_full=mix(ks.wsum2, feed.var),
+        k3_ind=mix(ks.w3, k3),
+        k3_full=mix(ks.wsum3, k3))
 
 
 @dataclass

@@ -43,7 +43,8 @@ def test_kernel_layouts_agree_on_one_conv():
     assert a.shape == b.shape == (5, 3, 4)
     np.testing.assert_array_equal(a, b)
     dense = rng.normal(size=(3, 5))                       # Keras Dense (in, out)
-    np.testing.assert_array_equal(refine.kernel_matrix(dense, "keras")[:, :, 0], dense.T)
+    np.testing.assert_array_equal(refine.kernel_matrix(dense, "keras")[:, :, 0],
+                                  dense.T.astype(np.float32))
 
 
 def test_keras_depthwise_layout_maps_output_to_its_input_channel():
