@@ -330,8 +330,14 @@ def _module_order(names: list[str]) -> list[str]:
     return list(seen)
 
 
+# a transposed conv stores (in, out, ...): read as (out, in, ...) its sums would be wrong
+_TRANSPOSED = re.compile(r"(deconv|transpose|convt|upconv|upsampl|\bup)", re.IGNORECASE)
+
+
 def _torch_producer(bn: str, shapes: dict[str, tuple[int, ...]]) -> str | None:
     """``P.bnK`` <- ``P.convK``; ``P.bn`` <- ``P.conv``; ``S.i`` <- ``S.(i-1)``."""
+    if _TRANSPOSED.search(bn):
+        return None
     parent, _, leaf = bn.rpartition(".")
     pre = f"{parent}." if parent else ""
     cands: list[str] = []
