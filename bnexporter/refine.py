@@ -458,7 +458,8 @@ class _Network:
             rho = ct.rho(bn.var)
             if self.propagate:
                 vt, vi = ct.var(rho), ci.var(rho)
-                scale = max(float(np.median(vt)), 1e-30) * 1e-9
+                finite_vt = vt[np.isfinite(vt)]
+                scale = max(float(np.median(finite_vt)) if finite_vt.size else 0.0, 1e-30) * 1e-9
                 x_mean = bn.mean + (ci.mean - ct.mean)
                 x_var = bn.var * (vi + scale) / (vt + scale)
             if self.skew:
@@ -482,7 +483,12 @@ class _Network:
         y_const = bn.beta + bn.gamma * (x.mean - bn.mean) / bn.sd
         p = np.where(ok, p, (y_const > 0).astype(np.float64))
         p = np.where(y_hi <= 0, 0.0, np.where(y_lo > 0, 1.0, p))
-        return Refined(p, y_lo, y_hi, x.mean, x.var, x.k3)
+        # a non-finite weight spoils only the channels it reaches: they keep the plain view
+        valid = (np.isfinite(y_lo) & np.isfinite(y_hi) & np.isfinite(x.mean)
+                 & np.isfinite(x.var) & np.isfinite(x.k3))
+        return Refined(np.where(valid, p, np.nan), np.where(valid, y_lo, -np.inf),
+                       np.where(valid, y_hi, np.inf), np.where(valid, x.mean, bn.mean),
+                       np.where(valid, x.var, bn.var), np.where(valid, x.k3, 0.0))
 
 
 def apply(res: ChannelResult, ref: Refined, consumer: str, th: Thresholds) -> ChannelResult:

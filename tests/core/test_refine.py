@@ -138,6 +138,19 @@ def test_negative_filter_on_nonnegative_input_is_dead_only_when_bounded():
     assert ref.p_active[3] > 0.01
 
 
+def test_a_non_finite_weight_spoils_only_its_own_channel():
+    kernel = np.full((3, 3, 4, 1), 0.2)
+    kernel[1, 1, 2, 0] = np.nan
+    params, prods = _dw_network([-10.0, 0.5, 0.5, 0.5], kernel, dw_beta=-0.2)
+    ref = refine.refine_network(params, prods)["dw_bn"]
+    assert ref.p_active[0] == 0.0 and np.isnan(ref.p_active[2])
+    plain = classify_channels(np.ones(4), np.full(4, -0.2), np.zeros(4), np.ones(4), 1e-3,
+                              "relu6")
+    res = refine.apply(plain, ref, "relu6", Thresholds())
+    assert res.dead == [0] and 2 not in res.near_dead
+    assert res.p_active[2] == pytest.approx(plain.p_active[2])
+
+
 def test_missing_feed_or_bad_numbers_leave_the_plain_estimate():
     params, prods = _dw_network([0.5] * 4, np.full((3, 3, 4, 1), 0.1))
     del params["up_bn"]
