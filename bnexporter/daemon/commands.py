@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from .config import DEFAULT_LISTEN, LOG_LEVELS, WATCH_MODES
+from .logsafe import SafeFormatter
 from .validate import ConfigError, Overrides, load_config
 
 EXIT_OK, EXIT_CONFIG = 0, 2
@@ -40,6 +41,8 @@ def add_subcommands(sub: Any) -> None:
     run.add_argument("--bn-only", action="store_const", const=True, default=None,
                      help="analyse BatchNorm layers only (skip the full tensor scan)")
     run.add_argument("--workers", type=int, metavar="N", help="parallel analyses (default 1)")
+    run.add_argument("--web.config.file", dest="web_config_file", metavar="FILE",
+                     help="exporter-toolkit web config: TLS and basic auth (bcrypt)")
 
     check = sub.add_parser("check-config", help="validate a configuration file and print "
                            "the effective configuration")
@@ -69,8 +72,11 @@ def dispatch(args: argparse.Namespace) -> int:
 
 
 def setup_logging(level: str) -> None:
-    logging.basicConfig(stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: "
-                        "%(message)s", datefmt="%Y-%m-%dT%H:%M:%S")
+    """One line per message on stderr; control characters from names are escaped."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(SafeFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s",
+                                       datefmt="%Y-%m-%dT%H:%M:%S"))
+    logging.basicConfig(handlers=[handler])
     logging.getLogger("bnexporter").setLevel(level.upper())
 
 
@@ -78,7 +84,7 @@ def overrides_from(args: argparse.Namespace) -> Overrides:
     return Overrides(watch=list(args.watch), listen=args.listen,
                      poll_interval=args.poll_interval, log_level=args.log_level,
                      shard=args.shard, bn_only=args.bn_only, watch_mode=args.watch_mode,
-                     workers=args.workers)
+                     workers=args.workers, web_config_file=args.web_config_file)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -100,6 +106,10 @@ def serve(cfg: Any, config_path: str | None, overrides: Overrides | None,
     waiter = SignalWaiter()  # before any thread exists, so all inherit the mask
     try:
         daemon = Daemon(cfg, config_path, overrides)
+    except ConfigError as exc:  # the web config file
+        waiter.restore()
+        print(f"bnexporter: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     except OSError as exc:
         waiter.restore()
         print(f"bnexporter: cannot listen on {cfg.listen}: {exc.strerror or exc}",
@@ -155,6 +165,10 @@ class SignalWaiter:
 def check_config(path: str) -> int:
     try:
         cfg = load_config(path)
+        if cfg.web_config_file is not None:
+            from .security import build
+
+            build(cfg.web_config_file)  # certificates load, hashes parse, bcrypt present
     except ConfigError as exc:
         print(f"bnexporter: {exc}", file=sys.stderr)
         return EXIT_CONFIG

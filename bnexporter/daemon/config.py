@@ -50,6 +50,7 @@ class Analysis:
     presets: tuple[str, ...] = ("auto",)
     metrics: MetricOptions = field(default_factory=MetricOptions)
     backfill: bool = False
+    follow_symlinks: bool = False  # False: only links to files inside the model folder
 
     def scan_options(self) -> ScanOptions:
         rules = ConsumerRules(rules=list(self.consumer_rules), presets=list(self.presets))
@@ -97,7 +98,9 @@ class Config:
     settle_seconds: float = 2.0
     workers: int = 1
     analysis_timeout: float = 900.0
+    stall_timeout: float = 120.0   # no CPU time and no bytes read this long: stuck, stop it
     isolation: str = "process"
+    web_config_file: str | None = None  # exporter-toolkit web config (TLS, basic auth)
     retry: Retry = field(default_factory=Retry)
     shard: tuple[int, int] = (0, 1)
     analysis: Analysis = field(default_factory=Analysis)
@@ -112,7 +115,8 @@ class Config:
             "listen": self.listen, "log_level": self.log_level, "watch": self.watch,
             "poll_interval": self.poll_interval, "rescan_interval": self.rescan_interval,
             "settle_seconds": self.settle_seconds, "workers": self.workers,
-            "analysis_timeout": self.analysis_timeout, "isolation": self.isolation,
+            "analysis_timeout": self.analysis_timeout, "stall_timeout": self.stall_timeout,
+            "isolation": self.isolation, "web_config_file": self.web_config_file,
             "retry": asdict(self.retry), "shard": f"{self.shard[0]}/{self.shard[1]}",
         }
         out.update(analysis_dict(self.analysis))
@@ -131,7 +135,8 @@ class Config:
 
 def analysis_dict(a: Analysis) -> dict[str, Any]:
     return {
-        "backfill": a.backfill, "patterns": list(a.patterns), "bn_only": a.bn_only,
+        "backfill": a.backfill, "follow_symlinks": a.follow_symlinks,
+        "patterns": list(a.patterns), "bn_only": a.bn_only,
         "step_regex": a.step_regex, "eps": a.eps, "thresholds": asdict(a.thresholds),
         "consumers": {"rules": {p: c for p, c in a.consumer_rules},
                       "presets": list(a.presets)},

@@ -13,6 +13,7 @@ from .collector import SnapshotCollector
 from .config import Config
 from .models import watch_roots
 from .planner import Planner
+from .security import WebSecurity
 from .state import Store
 from .validate import ConfigError, Overrides, load_config, parse_listen
 from .watch import Watchers
@@ -35,8 +36,10 @@ class Daemon:
         self.store = Store()
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(SnapshotCollector(self.store))
+        self.security = WebSecurity(cfg.web_config_file)  # ConfigError: refuse to start
         self.planner = Planner(cfg, self.store)
-        self.runner = Runner(cfg.isolation, cfg.analysis_timeout, self.planner.stop_event)
+        self.runner = Runner(cfg.isolation, cfg.analysis_timeout, self.planner.stop_event,
+                             cfg.stall_timeout)
         self.pool = WorkerPool(cfg.workers, self.planner.take, self.planner.done, self.runner)
         self.watchers = Watchers(self.store, self.planner.notify, self.planner.rescan,
                                  cfg.poll_interval)
@@ -44,7 +47,8 @@ class Daemon:
         if os.environ.get("BNEXPORTER_TEST_HOOKS") == "1":
             hooks = {"crash-watcher": lambda: " ".join(self.watchers.crash()) or "none"}
         host, port = parse_listen(cfg.listen)
-        self.http = HTTPServer(host, port, App(self.store, self.registry, self.reload, hooks))
+        self.http = HTTPServer(host, port, App(self.store, self.registry, self.reload, hooks,
+                                               self.security))
         self._reload_lock = threading.Lock()
 
     @property
@@ -52,11 +56,13 @@ class Daemon:
         host, _ = parse_listen(self.cfg.listen)
         shown = "localhost" if host in ("0.0.0.0", "::", "") else host
         shown = f"[{shown}]" if ":" in shown else shown
-        return f"http://{shown}:{self.http.port}/"
+        scheme = "https" if self.security.tls else "http"
+        return f"{scheme}://{shown}:{self.http.port}/"
 
     def start(self) -> None:
         self.http.start()
         log.info("listening on %s (metrics at %smetrics)", self.url, self.url)
+        log.info("endpoint security: %s", self.security.describe())
         # watchers first: events that arrive while the planner lists folders are queued
         self.watchers.set_roots(watch_roots(self.cfg), self.cfg.poll_interval)
         self.watchers.start()
@@ -71,10 +77,16 @@ class Daemon:
             except ConfigError as exc:
                 log.error("reload failed, keeping the previous configuration: %s", exc)
                 return False, f"reload failed: {exc}"
+            try:
+                self.security.reload(cfg.web_config_file)
+            except ConfigError as exc:
+                log.error("reload failed, keeping the previous configuration: %s", exc)
+                return False, f"reload failed: {exc}"
             for key in ("listen", "workers", "isolation"):
                 if getattr(cfg, key) != getattr(self.cfg, key):
                     log.warning("reload: %s changed; it takes effect after a restart", key)
             self.runner.timeout = cfg.analysis_timeout
+            self.runner.stall_timeout = cfg.stall_timeout
             set_log_level(cfg.log_level)
             self.planner.reconfigure(cfg).wait(30)
             self.watchers.set_roots(watch_roots(cfg), cfg.poll_interval)

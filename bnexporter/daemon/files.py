@@ -4,6 +4,12 @@ A TF bundle (``prefix.index`` + ``prefix.data-*`` shards, announced by the
 ``checkpoint`` state file) is one unit: its ``.index`` is the candidate, its
 signature covers every shard, and where a state file exists only the prefix it
 names counts (older prefixes are history, partial saves are not announced yet).
+
+Only regular files are candidates: a FIFO, socket or device named ``x.pt`` that
+anyone can drop into a shared folder would block or feed an endless read.
+Symbolic links are followed only to a file inside the model folder (Lightning's
+``last.ckpt``) unless ``follow_symlinks: true``: a link must not make the daemon
+read, or report on, files outside what it was asked to watch.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import fnmatch
 import os
 import re
+import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -69,18 +76,43 @@ def _tf_unit(entries: dict[str, os.DirEntry[str]], index: os.DirEntry[str]) -> t
     return tuple(sig), newest
 
 
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _link_refused(entry: os.DirEntry[str], boundary: str) -> str | None:
+    """Why a symlink is not followed (``None``: its target is a file in the folder)."""
+    try:
+        target = os.path.realpath(entry.path, strict=True)
+    except OSError as exc:  # dangling, or a loop (ELOOP)
+        return f"symlink cannot be resolved ({exc.strerror or exc})"
+    if not _inside(target, boundary):
+        return f"symlink points outside the model folder (to {target})"
+    return None
+
+
 def list_candidates(folder: str, patterns: Iterable[str], step_regex: str | None = None,
-                    max_depth: int = MAX_DEPTH) -> list[Candidate]:
-    """Every checkpoint unit under ``folder`` (files that vanish mid-walk are skipped)."""
+                    max_depth: int = MAX_DEPTH, follow_symlinks: bool = False,
+                    skipped: dict[str, str] | None = None) -> list[Candidate]:
+    """Every checkpoint unit under ``folder`` (files that vanish mid-walk are skipped).
+
+    Matching entries left out for safety (links, non-regular files) and folders
+    that cannot be listed (``folder`` itself included) are put in ``skipped``
+    (path -> why) so the caller can say so once.
+    """
     pats = tuple(patterns)
     out: list[Candidate] = []
+    boundary = os.path.realpath(folder)
+    notes: dict[str, str] = {} if skipped is None else skipped
     stack = [(folder, 1)]
     while stack:
         current, depth = stack.pop()
         try:
             with os.scandir(current) as it:
                 entries = {e.name: e for e in it}
-        except OSError:
+        except OSError as exc:
+            if not isinstance(exc, FileNotFoundError):  # gone is normal; unreadable is not
+                notes[current] = f"cannot list: {exc.strerror or exc}"
             continue
         tf_keep: str | None = None
         if "checkpoint" in entries:
@@ -88,11 +120,20 @@ def list_candidates(folder: str, patterns: Iterable[str], step_regex: str | None
             tf_keep = os.path.basename(prefix) + ".index" if prefix else ""
         for name, entry in entries.items():
             try:
-                if entry.is_dir():
+                link = entry.is_symlink()
+                if entry.is_dir(follow_symlinks=follow_symlinks):
                     if depth < max_depth and not ignored_dir(name):
                         stack.append((entry.path, depth + 1))
                     continue
                 if ignored_file(name) or not any(fnmatch.fnmatchcase(name, p) for p in pats):
+                    continue
+                if link and not follow_symlinks:
+                    why = _link_refused(entry, boundary)
+                    if why is not None:
+                        notes[entry.path] = why
+                        continue
+                if not stat.S_ISREG(entry.stat().st_mode):
+                    notes[entry.path] = "not a regular file"
                     continue
                 if name.endswith(".index"):
                     if tf_keep is not None and name != tf_keep:

@@ -29,8 +29,21 @@ class Target:
     spec_index: int  # the ModelSpec it came from
 
 
+def _escapes(entry: os.DirEntry[str], base: str) -> bool:
+    """A symlinked subfolder whose target is not below ``base``."""
+    try:
+        if not entry.is_symlink():
+            return False
+        target = os.path.realpath(entry.path, strict=True)
+    except OSError:
+        return True
+    real = os.path.realpath(base)
+    return not target.startswith(real.rstrip(os.sep) + os.sep)
+
+
 def discover(spec: ModelSpec) -> dict[str, str]:
-    """name -> folder for a template's current subfolders."""
+    """name -> folder for a template's current subfolders (a symlinked subfolder
+    only when it stays below the base, unless ``follow_symlinks``)."""
     base, suffix = spec.template_parts()
     found: dict[str, str] = {}
     try:
@@ -41,6 +54,9 @@ def discover(spec: ModelSpec) -> dict[str, str]:
     for entry in entries:
         try:
             if not entry.is_dir():
+                continue
+            if not spec.analysis.follow_symlinks and _escapes(entry, base):
+                log.debug("%s: symlink out of %s not followed", entry.path, base)
                 continue
         except OSError:
             continue

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..report import CheckpointReport
-from . import complete
 from .config import Config, ModelSpec
 from .files import Candidate, ignored_path, list_candidates, stat_candidate
 from .models import Target, targets, template_targets
@@ -69,6 +68,8 @@ class ModelState:
     cancelled: bool = False
     initial: set[tuple[str, tuple[int, ...]]] | None = None  # units present at first look
     given_up: Candidate | None = None  # newest unit that never became readable
+    skipped: dict[str, str] = field(default_factory=dict)  # links etc. already logged
+    blocked: bool = False  # the model folder cannot be listed (permission denied)
 
     @property
     def name(self) -> str:
@@ -335,7 +336,24 @@ class Planner:
         if m.slot.running is not None and m.slot.pending is not None:
             return  # a newer one is already waiting; look again when the runner finishes
         a = m.target.analysis
-        cands = list_candidates(m.target.folder, a.patterns, a.step_regex)
+        skipped: dict[str, str] = {}
+        cands = list_candidates(m.target.folder, a.patterns, a.step_regex,
+                                follow_symlinks=a.follow_symlinks, skipped=skipped)
+        for path, why in skipped.items():
+            if m.skipped.get(path) != why:
+                log.warning("model %s: skipping %s: %s", m.name, path, why)
+        m.skipped = skipped
+        blocked = skipped.get(m.target.folder)
+        if blocked is not None:  # e.g. permission denied: say so; keep the old results
+            error = f"{m.target.folder}: {blocked}"
+            if m.view.up or m.view.error != error:
+                self._set_view(m, up=False, error=error)
+            m.blocked = True
+            return
+        if m.blocked:
+            m.blocked = False
+            if m.given_up is None:
+                self._set_view(m, up=True, error=None)
         present = {c.path for c in cands}
         live = {(c.path, c.sig) for c in cands}
         for table in (m.obs, m.closed):
@@ -386,7 +404,7 @@ class Planner:
         return ordered if m.target.analysis.backfill else ordered[::-1]
 
     def _ready_to_analyse(self, m: ModelState, cand: Candidate) -> bool:
-        """Settled, not waiting for a retry, and complete by its format's signs."""
+        """Settled and not waiting for a retry."""
         now, wall = self.clock(), self.wall()
         obs = observe(m.obs.get(cand.path), cand.sig, now)
         m.obs[cand.path] = obs
@@ -400,10 +418,8 @@ class Planner:
         if state is not None and now < state.next_at:
             self._schedule(m, state.next_at)
             return False
-        problem = complete.check(cand.path)
-        if problem is not None:
-            self._failed(m, cand, problem[0], f"{cand.path}: {problem[1]}")
-            return False
+        # the format's completeness check runs with the analysis, in the worker: this
+        # thread never reads a checkpoint, so a read that hangs cannot stall every model
         return True
 
     def _failed(self, m: ModelState, cand: Candidate, reason: str, message: str) -> None:
@@ -443,12 +459,18 @@ class Planner:
                 self._ready.append((m.name, m))
                 self._ready_cv.notify()
         self._publish_pending()
-        if report.ok:
+        now_cand = stat_candidate(job.cand)
+        changed = now_cand is not None and now_cand.sig != job.cand.sig
+        if report.ok and not changed:
             self._succeeded(m, job, report)
+        elif report.ok:
+            # bytes of two versions may have been mixed: never export that; the new
+            # version is looked at like any other change
+            log.info("model %s: %s changed while being analysed; result discarded, "
+                     "analysing the new version", m.name, job.cand.path)
         else:
             reason = report.error_reason or "internal"
-            now_cand = stat_candidate(job.cand)
-            if reason in RETRYABLE and now_cand is not None and now_cand.sig != job.cand.sig:
+            if reason in RETRYABLE and changed:
                 log.debug("%s changed while being analysed; looking again", job.cand.path)
             else:
                 self._failed(m, job.cand, reason, report.error or reason)

@@ -41,10 +41,10 @@ THRESHOLD_KEYS = tuple(f.name for f in fields(Thresholds))
 METRIC_KEYS = tuple(f.name for f in fields(MetricOptions))
 RETRY_KEYS = tuple(f.name for f in fields(Retry))
 ANALYSIS_KEYS = ("patterns", "bn_only", "step_regex", "eps", "thresholds", "consumers",
-                 "metrics", "backfill")
+                 "metrics", "backfill", "follow_symlinks")
 TOP_KEYS = ("listen", "log_level", "watch", "poll_interval", "rescan_interval",
-            "settle_seconds", "workers", "analysis_timeout", "isolation", "retry", "shard",
-            *ANALYSIS_KEYS, "models")
+            "settle_seconds", "workers", "analysis_timeout", "stall_timeout", "isolation",
+            "web_config_file", "retry", "shard", *ANALYSIS_KEYS, "models")
 MODEL_KEYS = ("name", "path", "watch", *ANALYSIS_KEYS)
 
 
@@ -60,6 +60,7 @@ class Overrides:
     bn_only: bool | None = None
     watch_mode: str | None = None
     workers: int | None = None
+    web_config_file: str | None = None
 
 
 class _Ctx:
@@ -226,7 +227,7 @@ def _analysis(ctx: _Ctx, values: dict[str, Any], loc: str, base: Analysis) -> An
         value, where = values[key], _join(loc, key)
         if key == "patterns":
             a = replace(a, patterns=_strings(ctx, value, where))
-        elif key in ("bn_only", "backfill"):
+        elif key in ("bn_only", "backfill", "follow_symlinks"):
             a = replace(a, **{key: _boolean(ctx, value, where)})
         elif key == "step_regex":
             a = replace(a, step_regex=_regex(ctx, value, where))
@@ -321,9 +322,24 @@ _SCALARS: dict[str, Callable[[_Ctx, Any, str], Any]] = {
     "poll_interval": _number, "rescan_interval": _number, "settle_seconds":
     lambda c, v, w: _number(c, v, w, positive=False),
     "analysis_timeout": _number,
+    "stall_timeout": lambda c, v, w: _number(c, v, w, positive=False),
     "workers": lambda c, v, w: _integer(c, v, w, 1),
     "shard": _shard,
+    "web_config_file": lambda c, v, w: _file(c, v, w),
 }
+
+
+def _file(ctx: _Ctx, value: Any, loc: str) -> str | None:
+    """A readable file, relative to the config file (``null``: none)."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise ctx.fail(loc, f"expected a file path, got {_short(value)}")
+    path = os.path.abspath(os.path.join(ctx.base_dir, os.path.expanduser(value.strip())))
+    if ctx.check_paths and not os.path.isfile(path):
+        missing = "" if os.path.exists(path) else " (does not exist)"
+        raise ctx.fail(loc, f"{path}: not a file{missing}")
+    return path
 
 
 def _listen(ctx: _Ctx, value: Any, loc: str) -> str:
@@ -355,12 +371,14 @@ def build_config(raw: Any, source: str, base_dir: str, overrides: Overrides | No
     ov = overrides or Overrides()
     flag_values = {"listen": ov.listen, "poll_interval": ov.poll_interval,
                    "log_level": ov.log_level, "shard": ov.shard, "watch": ov.watch_mode,
-                   "workers": ov.workers}
+                   "workers": ov.workers, "web_config_file": ov.web_config_file}
     cfg = Config(source=source)
     changes: dict[str, Any] = {}
     for key, parse in _SCALARS.items():
         if flag_values.get(key) is not None:
-            changes[key] = parse(flags, flag_values[key], f"--{key.replace('_', '-')}")
+            flag = "--web.config.file" if key == "web_config_file" else \
+                f"--{key.replace('_', '-')}"
+            changes[key] = parse(flags, flag_values[key], flag)
         elif key in values:
             changes[key] = parse(ctx, values[key], key)
     if "retry" in values:

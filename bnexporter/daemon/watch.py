@@ -123,6 +123,11 @@ class Watchers:
 
     # -- observers ----------------------------------------------------------------
     def _launch(self, w: Watch) -> bool:
+        try:  # watchdog silently watches nothing in a folder it may not read
+            with os.scandir(w.root):
+                pass
+        except OSError as exc:
+            return self._launch_failed(w, exc)
         mode, why = choose_mode(w.root, w.mode)
         handler = Handler(self.notify)
         observer: BaseObserver | None = None

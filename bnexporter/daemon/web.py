@@ -5,13 +5,22 @@ keeps content negotiation, gzip and ``name[]`` filtering), served by wsgiref
 with one daemon thread per connection, so a slow client never blocks a scrape.
 Scrapes that accept the text format (Prometheus always does) get the same bytes
 from ``exposition.FastText``, which caches the per-model part between changes.
+
+The accept loop only accepts: the TLS handshake, the request line and headers
+are read in the connection's own thread, under ``HEADER_TIMEOUT``, so a client
+that connects and sends nothing (or half a request) holds one thread for a few
+seconds and nothing else. ``MAX_CONNECTIONS`` bounds those threads. With a web
+config file (``security.WebSecurity``) every path needs basic auth, like the
+exporter-toolkit, including ``/healthz``.
 """
 
 from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import threading
+import time
 from collections.abc import Callable, Iterable
 from socketserver import ThreadingMixIn
 from typing import Any
@@ -22,9 +31,15 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, gzip_accepted
 
 from . import landing
 from .exposition import FastText
+from .security import WebSecurity
 from .state import Store
+from .webconfig import allowed_san
 
 log = logging.getLogger("bnexporter.web")
+
+HEADER_TIMEOUT = 10.0   # seconds for the TLS handshake + request line + headers
+IO_TIMEOUT = 60.0       # seconds any later read or write may block
+MAX_CONNECTIONS = 256   # connections served at once; more are closed at once
 
 StartResponse = Callable[..., Any]
 Reload = Callable[[], tuple[bool, str]]
@@ -32,14 +47,27 @@ Reload = Callable[[], tuple[bool, str]]
 
 class App:
     def __init__(self, store: Store, registry: CollectorRegistry, reload: Reload,
-                 hooks: dict[str, Callable[[], str]] | None = None):
+                 hooks: dict[str, Callable[[], str]] | None = None,
+                 security: WebSecurity | None = None):
         self.store = store
         self.metrics = make_wsgi_app(registry)
         self.fast = FastText(store)
         self.reload = reload
         self.hooks = hooks or {}
+        self.security = security or WebSecurity(None)
 
     def __call__(self, environ: dict[str, Any], start: StartResponse) -> Iterable[bytes]:
+        sec = self.security.current()
+        if sec.headers:
+            start = _with_headers(start, sec.headers)
+        if sec.limit is not None and not sec.limit.allow():
+            return _send(start, "429 Too Many Requests", "Too Many Requests\n")
+        if sec.auth is not None and not sec.auth.check(environ.get("HTTP_AUTHORIZATION")):
+            return _send(start, "401 Unauthorized", "Unauthorized\n",
+                         extra=[("WWW-Authenticate", 'Basic realm="bnexporter"')])
+        return self._route(environ, start)
+
+    def _route(self, environ: dict[str, Any], start: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO") or "/"
         method = environ.get("REQUEST_METHOD", "GET")
         try:
@@ -104,8 +132,20 @@ def _send(start: StartResponse, status: str, body: str,
     return [data]
 
 
+def _with_headers(start: StartResponse, headers: tuple[tuple[str, str], ...]
+                  ) -> StartResponse:
+    def wrapped(status: str, response_headers: list[tuple[str, str]], *exc: Any) -> Any:
+        return start(status, [*response_headers, *headers], *exc)
+    return wrapped
+
+
 class _Handler(WSGIRequestHandler):
-    timeout = 60  # a stalled client gives its thread back eventually
+    timeout = HEADER_TIMEOUT  # until the request line and headers are in
+
+    def parse_request(self) -> bool:
+        ok = super().parse_request()
+        self.connection.settimeout(IO_TIMEOUT)  # a slow reader gives its thread back later
+        return ok
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s %s", self.address_string(), format % args)
@@ -114,6 +154,70 @@ class _Handler(WSGIRequestHandler):
 class _Server(ThreadingMixIn, WSGIServer):
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 128
+    security: WebSecurity
+
+    def server_activate(self) -> None:
+        super().server_activate()
+        self._active = 0
+        self._active_lock = threading.Lock()
+        self._refused_logged = 0.0
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Accept thread: hand the connection to a thread, or close it when full."""
+        with self._active_lock:
+            full = self._active >= MAX_CONNECTIONS
+            if not full:
+                self._active += 1
+        if full:
+            now = time.monotonic()
+            if now - self._refused_logged > 60:
+                self._refused_logged = now
+                log.warning("%d connections open; closing new ones until some finish",
+                            MAX_CONNECTIONS)
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except Exception:
+            self._release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        with self._active_lock:
+            self._active -= 1
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        """Connection thread: TLS handshake (if configured), then the request."""
+        ctx = self.security.tls_context()
+        if ctx is None:
+            super().finish_request(request, client_address)
+            return
+        request.settimeout(HEADER_TIMEOUT)
+        try:
+            conn = ctx.wrap_socket(request, server_side=True)
+        except (OSError, ssl.SSLError) as exc:
+            log.debug("%s: TLS handshake failed: %s", client_address[0], exc)
+            return
+        try:
+            allowed = self.security.current().allowed_sans
+            if allowed and not allowed_san(conn.getpeercert(), allowed):
+                log.debug("%s: client certificate names none of client_allowed_sans",
+                          client_address[0])
+                return
+            super().finish_request(conn, client_address)
+        finally:
+            conn.close()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that vanished or timed out is not worth a traceback on stderr."""
+        log.debug("error while serving %s", client_address, exc_info=True)
 
 
 class _Server6(_Server):
@@ -124,6 +228,7 @@ class HTTPServer:
     def __init__(self, host: str, port: int, app: App):
         cls = _Server6 if ":" in host else _Server
         self.server = make_server(host, port, app, server_class=cls, handler_class=_Handler)
+        self.server.security = app.security
         self.port = self.server.server_address[1]
         self._thread = threading.Thread(target=self.server.serve_forever,
                                         kwargs={"poll_interval": 0.25}, name="http",
