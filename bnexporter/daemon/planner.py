@@ -468,12 +468,12 @@ class Planner:
             # version is looked at like any other change
             log.info("model %s: %s changed while being analysed; result discarded, "
                      "analysing the new version", m.name, job.cand.path)
+        elif changed:  # whatever the reader made of a moving file proves nothing
+            log.debug("model %s: %s changed while being analysed (%s); looking again",
+                      m.name, job.cand.path, report.error_reason)
         else:
             reason = report.error_reason or "internal"
-            if reason in RETRYABLE and changed:
-                log.debug("%s changed while being analysed; looking again", job.cand.path)
-            else:
-                self._failed(m, job.cand, reason, report.error or reason)
+            self._failed(m, job.cand, reason, report.error or reason)
         self._schedule(m, self.clock())
 
     def _succeeded(self, m: ModelState, job: Job, report: CheckpointReport) -> None:

@@ -119,6 +119,7 @@ class Runner:
 
     def run(self, job: Job) -> CheckpointReport | None:
         path = job.cand.path
+        log.debug("model %s: analysing %s", job.model, path)
         try:
             report = self._run(job)
         except _Stalled:
