@@ -130,7 +130,7 @@ def analyse(path: str) -> None:
 KNOWN = {
     "B3": r"unhashable type.*formats/safetensors\.py",
     "B4": r"Exceeds the limit \(\d+ digits\) for integer string conversion",
-    "B5": r"MemoryError while analysing",
+    "B5": r"MemoryError while analysing|array is too big.*analysis\.py",
     "B6": r"formats/npz\.py|npz reader failed|negative dimensions are not allowed",
     "B7": r"object has no attribute 'get'.*keras_graph\.py",
     "B9": r"keras reader failed: BadZipFile",

@@ -299,6 +299,8 @@ def safetensors_cases() -> list[Case]:
         "shape-huge-but-empty": lambda: _st_header({"a": f32([1 << 62, 0], [0, 0])}),
         "kernel-huge-but-empty": lambda: _st_header(
             {"conv.weight": f32([1 << 40, 0, 3, 3], [0, 0])}),
+        "kernel-huge-dim-2^63-empty": lambda: _st_header(
+            {"conv.weight": f32([(1 << 63) - 1, 0, 3, 3], [0, 0])}),
         "kernel-wide-empty-keras": lambda: _st_header(
             {"conv/kernel": f32([0, 1 << 40], [0, 0])}),
         "offsets-reversed": lambda: _st_header({"a": f32([1], [4, 0])}, bytes(4)),
@@ -345,6 +347,7 @@ def safetensors_cases() -> list[Case]:
     }
     either = {"duplicate-keys", "trailing-garbage", "metadata-nested", "metadata-step-huge",
               "shape-huge-but-empty", "kernel-huge-but-empty", "kernel-wide-empty-keras",
+              "kernel-huge-dim-2^63-empty",
               "bn-shapes-disagree", "bn-2d-stats", "bn-negative-var", "bn-int-and-bool",
               "bn-empty"}
     for name, make in lies.items():

@@ -30,7 +30,7 @@ KNOWN_BUGS = {
     "tf/state-file-points-at-fifo": "B1", "tf/state-file-is-fifo": "B1",
     "h5/external-": "B2", "h5/virtual-dataset-": "B2", "h5/soft-link-dangling": "B2",
     "safetensors/dtype-": "B3", "safetensors/metadata-step-huge": "B4",
-    "safetensors/kernel-huge-but-empty": "B5",
+    "safetensors/kernel-huge": "B5",
     "npz/shape-": "B6", "npz/header-version-9": "B6",
     "h5/k2-model-config-list": "B7", "keras/config-is-list": "B7",
     "keras/weights-deflated": "B8", "keras/weights-deflate-bomb-declared-small": "B9",

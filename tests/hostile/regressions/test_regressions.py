@@ -144,6 +144,13 @@ def test_b5_empty_kernel_with_a_huge_dimension(tmp_path: Path, box: Sandbox) -> 
     path.write_bytes(b.safetensors_raw(header, b""))
     verdict = box.analyse(str(path))
     assert verdict["status"] == "ok", verdict
+    # with a dimension of 2**63-1, numpy refuses the allocation with a ValueError instead,
+    # which escapes analyse_path as a traceback (found by test_fuzz_npz_zip)
+    header = json.dumps({"conv.weight": {"dtype": "F32", "shape": [(1 << 63) - 1, 0, 3, 3],
+                                         "data_offsets": [0, 0]}}).encode()
+    path.write_bytes(b.safetensors_raw(header, b""))
+    verdict = box.analyse(str(path))
+    assert verdict["status"] == "ok", verdict
 
 
 # -- B6 (npz) ------------------------------------------------------------------------------
