@@ -104,6 +104,7 @@ def list_candidates(folder: str, patterns: Iterable[str], step_regex: str | None
     out: list[Candidate] = []
     boundary = os.path.realpath(folder)
     notes: dict[str, str] = {} if skipped is None else skipped
+    links: dict[str, str] = {}   # candidate that is a symlink -> its target
     stack = [(folder, 1)]
     while stack:
         current, depth = stack.pop()
@@ -144,7 +145,12 @@ def list_candidates(folder: str, patterns: Iterable[str], step_regex: str | None
                     sig, mtime = (st.st_size, st.st_mtime_ns), st.st_mtime
             except OSError:
                 continue
+            if link:
+                links[entry.path] = os.path.realpath(entry.path)
             out.append(Candidate(entry.path, sig, mtime, step_from_name(entry.path, step_regex)))
+    if links:  # Lightning's last.ckpt -> epoch=3-step=1500.ckpt: keep the name with the step
+        real = {os.path.realpath(c.path) for c in out if c.path not in links}
+        out = [c for c in out if c.path not in links or links[c.path] not in real]
     return out
 
 

@@ -83,7 +83,7 @@ def test_truncated_or_rewritten_after_the_check_every_format(tmp_path: Path, iso
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     models = []
-    for model, name, _, _ in PAIRS:
+    for model, _name, _, _ in PAIRS:
         (tmp_path / model).mkdir()
         models.append({"name": model, "path": str(tmp_path / model)})
     cfg = base_config(workers=4, isolation=isolation, models=models)
