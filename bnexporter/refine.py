@@ -1,22 +1,22 @@
 """Refined dead-channel estimate from the producing kernel and the upstream BNs.
 
 The plain estimate assumes the BN input x is Gaussian with the running mean and
-variance. Two things make that wrong exactly where it matters (early in
-training, depthwise layers): x = sum(w * a) over few non-negative inputs is
-bounded and skewed, and the running statistics describe the network as it was
-(training mode, older weights), not as it runs now. With the producer kernel
-and the upstream BN parameters this module
+variance. That fails where it matters most (early in training, depthwise
+layers): x = sum(w * a) over few non-negative inputs is bounded and skewed, and
+a dead upstream channel makes x constant. With the producer kernel and the
+upstream BN parameters (wiring from links.py) this module
 
-* bounds x: each input a lies in a plausible range (an upstream BN output
-  within ``RANGE_SIGMA`` standard deviations, clipped by its ReLU / ReLU6), so
-  x lies in [sum of the worst, sum of the best] tap by tap. If the BN output at
-  the top of that range is <= 0 the channel cannot fire: dead for certain. A
-  dead upstream channel (range {0}) therefore makes the depthwise channel
-  reading it constant, which is found without any threshold;
-* optionally corrects the running moments of x for the change between
-  training mode (where upstream BNs normalise with batch statistics) and
-  inference mode (where upstream channels proven dead above are exactly 0),
-  by the ratio of the two predicted input variances (``propagate``).
+* bounds x: each input lies in a plausible range (an upstream BN output within
+  ``RANGE_SIGMA`` standard deviations, clipped by its ReLU / ReLU6), so x lies
+  between the sums of the worst and the best input per tap, whatever the
+  correlations. If the BN output cannot exceed 0 over that range the channel is
+  dead for certain; a dead upstream channel (range {0}) makes the depthwise
+  channel reading it constant. This bound is what decides "dead";
+* predicts inference-mode moments of x (running moments times the predicted
+  training -> inference change, upstream channels proven dead contributing
+  nothing) and its skewness (one-factor model of correlated taps), and turns
+  them into a shifted-gamma tail probability. That model is less certain and
+  only feeds the near-dead warning (see docs/accuracy.md for the measurements).
 
 Everything is pure numpy on arrays the caller read; no I/O.
 """
@@ -38,13 +38,11 @@ if TYPE_CHECKING:  # links.py reads files; this module only needs the shapes of 
 # A Gaussian exceeds 6 standard deviations with probability 1e-9: beyond the
 # positions any evaluation set visits, so ranges this wide are safe bounds.
 RANGE_SIGMA = 6.0
-# correct the running moments for the training -> inference mode change
-PROPAGATE = True
-# use the predicted skewness of x (shifted-gamma tail) instead of a Gaussian tail
-SKEW = True
-# dead from the range bound over the plain estimate ("bound") or from the tail model
-DEAD_FROM = "bound"
-NEAR_FROM_MODEL = True
+# Measured choices (docs/accuracy.md), module constants so the benchmark can compare:
+PROPAGATE = True      # correct the running moments for the training -> inference change
+SKEW = True           # shifted-gamma tail from the predicted skewness, not a Gaussian one
+DEAD_FROM = "bound"   # dead from plain + range bound ("bound") or from the tail model
+NEAR_FROM_MODEL = True  # the tail model may add near-dead warnings
 
 _SQRT2PI = math.sqrt(2.0 * math.pi)
 
