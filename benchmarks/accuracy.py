@@ -96,8 +96,10 @@ def main() -> int:
     ap.add_argument("--dead-at", type=float, default=0.0,
                     help="true activity at or below this counts as dead (default 0)")
     ap.add_argument("--by-file", action="store_true")
+    ap.add_argument("--no-refine", action="store_true", help="plain Gaussian estimate only")
     args = ap.parse_args()
-    th = replace(Thresholds(), dead_p=args.dead_p, near_dead_p=args.near_dead_p)
+    th = replace(Thresholds(), dead_p=args.dead_p, near_dead_p=args.near_dead_p,
+                 refine=not args.no_refine)
     opts = ScanOptions(thresholds=th, bn_only=True)
     groups: dict[str, Score] = defaultdict(Score)
     total = Score()

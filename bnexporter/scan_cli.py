@@ -36,6 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="p_active below this is near-dead (default %(default)s)")
     p.add_argument("--extreme", type=float, default=Thresholds.extreme,
                    help="|w| above T or below 1/T is extreme (default %(default)s)")
+    p.add_argument("--no-refine", action="store_true",
+                   help="plain Gaussian estimate only: skip reading producer kernels "
+                        "(faster, misses more channels early in training)")
     p.add_argument("--top", type=int, default=10, help="worst layers to list (default 10)")
 
 
@@ -52,7 +55,7 @@ def options_from_args(args: argparse.Namespace) -> ScanOptions:
     except ValueError as exc:
         raise SystemExit(f"bnexporter: {exc}") from None
     th = replace(Thresholds(), dead_p=args.dead_p, near_dead_p=args.near_dead_p,
-                 extreme=args.extreme)
+                 extreme=args.extreme, refine=not args.no_refine)
     return ScanOptions(thresholds=th, consumers=consumers, bn_only=args.bn_only,
                        step_regex=args.step_regex, eps=args.eps)
 
