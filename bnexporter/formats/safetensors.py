@@ -73,6 +73,8 @@ class SafetensorsReader(OffsetReader):
             code = entry.get("dtype")
             shape = entry.get("shape")
             offs = entry.get("data_offsets")
+            if not isinstance(code, str):
+                raise self.error(f"tensor {name!r}: dtype {code!r} is not a string")
             if code in _SUBBYTE:
                 raise self.error(f"tensor {name!r}: dtype {code} is not supported", "unsupported")
             if code not in _DTYPES:
@@ -104,7 +106,9 @@ class SafetensorsReader(OffsetReader):
                 f"header describes {8 + n + end} bytes but the file has {f.size}",
                 "truncated" if short else "corrupt", retryable=short)
         step = self.metadata.get("step") or self.metadata.get("global_step")
-        if step is not None and step.strip().isdigit():
+        # int() refuses over 4300 digits; a real step counter fits in 18
+        step = step.strip() if step is not None else ""
+        if step.isascii() and step.isdigit() and len(step) <= 18:
             self.meta.step = int(step)
         self.meta.framework = "torch" if any(k.endswith("running_var") for k in self._infos) \
             else "generic"
