@@ -155,7 +155,10 @@ class TensorScan:
         self.nonfinite = self.huge = self.tiny = self.zero = 0
         self.max_abs = 0.0
         self.size = math.prod(shape)
-        self.out_axis = out_axis if len(shape) >= 2 and dtypes.is_float(dtype) else None
+        # an empty kernel may still declare a huge dimension (2**40, 0, 3, 3): no
+        # per-filter sums then, or they alone would be allocated at that size
+        self.out_axis = out_axis if (len(shape) >= 2 and dtypes.is_float(dtype)
+                                     and self.size > 0) else None
         if self.out_axis == 0:
             self.filters, self.row = shape[0], self.size // max(shape[0], 1)
         elif self.out_axis == -1:
