@@ -2,6 +2,19 @@
 
 from __future__ import annotations
 
+import re
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters shown as escapes (``\\n``, ``\\x1b``, ...).
+
+    Paths and causes come from the file system and from file contents: a newline
+    there would split one log line in two, an escape code would reach a terminal.
+    """
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
+
 
 class CheckpointError(Exception):
     """A checkpoint could not be read. ``str()`` is one line: ``path: cause``.
@@ -14,7 +27,7 @@ class CheckpointError(Exception):
 
     def __init__(self, path: str, cause: str, reason: str = "corrupt", retryable: bool = False):
         self.path = str(path)
-        self.cause = " ".join(str(cause).split())
+        self.cause = printable(" ".join(str(cause).split()))
         self.reason = reason
         self.retryable = retryable
-        super().__init__(f"{self.path}: {self.cause}")
+        super().__init__(f"{printable(self.path)}: {self.cause}")
