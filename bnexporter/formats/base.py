@@ -7,8 +7,10 @@ small vectors of a BatchNorm layer never reads the rest of a large file.
 
 from __future__ import annotations
 
+import fcntl
 import math
 import os
+import stat
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -125,6 +127,43 @@ class Reader(ABC):
         return CheckpointError(self.path, cause, reason, retryable)
 
 
+def open_regular(path: str) -> int:
+    """A read-only fd on ``path``, refused unless it is a regular file.
+
+    ``open()`` of a FIFO blocks until a writer appears and opening a device can
+    have side effects, so the type is checked before opening; the open itself is
+    non-blocking and re-checked with ``fstat`` in case the path was swapped.
+    """
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise CheckpointError(path, f"cannot open: {exc.strerror}", "io") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise CheckpointError(path, "is a directory, not a checkpoint file", "unsupported")
+    if not stat.S_ISREG(st.st_mode):
+        raise CheckpointError(path, "not a regular file", "unsupported")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise CheckpointError(path, f"cannot open: {exc.strerror}", "io") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise CheckpointError(path, "not a regular file", "unsupported")
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+    return fd
+
+
+def read_head(path: str, nbytes: int) -> bytes:
+    """The first ``nbytes`` of a regular file (see :func:`open_regular`)."""
+    fd = open_regular(path)
+    try:
+        return os.pread(fd, nbytes, 0)
+    except OSError as exc:
+        raise CheckpointError(path, f"read failed: {exc.strerror}", "io", True) from None
+    finally:
+        os.close(fd)
+
+
 class RangeFile:
     """Explicit positional reads of byte ranges, bounds-checked.
 
@@ -134,10 +173,7 @@ class RangeFile:
 
     def __init__(self, path: str, base: int = 0, length: int | None = None):
         self.path = path
-        try:
-            self.fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        except OSError as exc:
-            raise CheckpointError(path, f"cannot open: {exc.strerror}", "io") from None
+        self.fd = open_regular(path)
         total = os.fstat(self.fd).st_size
         self.base = base
         self.size = total - base if length is None else length

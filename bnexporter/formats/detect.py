@@ -7,7 +7,7 @@ import re
 import zipfile
 
 from ..errors import CheckpointError
-from .base import Reader
+from .base import Reader, read_head
 
 _HEAD = 1024 + 8
 # pickle protocol 2 + LONG1 of the legacy torch magic number 0x1950a86a20f9469cfc6c
@@ -57,14 +57,7 @@ def detect(path: str) -> str:
 
     if _is_tf_bundle(path):
         return "tf"
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(_HEAD)
-    except IsADirectoryError:
-        raise CheckpointError(path, "is a directory, not a checkpoint file", "unsupported"
-                              ) from None
-    except OSError as exc:
-        raise CheckpointError(path, f"cannot open: {exc.strerror}", "io") from None
+    head = read_head(path, _HEAD)  # refuses FIFOs, devices and directories
     if not head:
         raise CheckpointError(path, "file is empty", "truncated", True)
     for off in (0, 512, 1024):

@@ -13,6 +13,7 @@ import struct
 import zipfile
 
 from ..errors import CheckpointError
+from .base import open_regular
 from .hdf5_keras import KerasH5Reader
 
 MAX_CONFIG_BYTES = 64 << 20
@@ -23,7 +24,7 @@ class _Window(io.RawIOBase):
     """A read-only, seekable view of ``[base, base+size)`` of a file, for h5py."""
 
     def __init__(self, path: str, base: int, size: int):
-        self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        self._fd = open_regular(path)
         self._base, self._size, self._pos = base, size, 0
 
     def readable(self) -> bool:
@@ -57,9 +58,14 @@ class _Window(io.RawIOBase):
 def _data_offset(path: str, info: zipfile.ZipInfo) -> int:
     """Where a member's bytes start: read from its *local* header, whose extra
     field may differ from the central directory's."""
-    with open(path, "rb") as fh:
-        fh.seek(info.header_offset)
-        header = fh.read(30)
+    fd = open_regular(path)
+    try:
+        header = os.pread(fd, 30, info.header_offset)
+    except (OSError, OverflowError) as exc:
+        raise CheckpointError(path, f"zip member {info.filename}: bad local header offset "
+                              f"({exc})") from None
+    finally:
+        os.close(fd)
     if len(header) != 30 or header[:4] != b"PK\x03\x04":
         raise CheckpointError(path, f"zip member {info.filename}: bad local header", "corrupt")
     name_len, extra_len = struct.unpack("<HH", header[26:30])

@@ -30,7 +30,7 @@ import numpy as np
 from ..errors import CheckpointError
 from . import dtypes
 from . import protowire as pw
-from .base import RangeFile, Reader, TensorInfo
+from .base import RangeFile, Reader, TensorInfo, read_head
 from .sstable import crc32c, has_magic, mask_crc, read_table
 
 OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
@@ -305,10 +305,12 @@ def newest_prefix(folder: str) -> str | None:
     written under another mount point (e.g. a trainer pod vs this sidecar).
     """
     try:
-        with open(os.path.join(folder, "checkpoint"), "rb") as fh:
-            text = fh.read(1 << 20).decode("utf-8", "surrogateescape")
-    except OSError:
-        return None
+        head = read_head(os.path.join(folder, "checkpoint"), 1 << 20)
+    except CheckpointError as exc:
+        if exc.reason == "io":  # no state file (yet)
+            return None
+        raise  # a FIFO or a device: refused, never waited on
+    text = head.decode("utf-8", "surrogateescape")
     m = _STATE_RE.search(text)
     if not m:
         return None
