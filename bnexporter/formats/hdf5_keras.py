@@ -21,8 +21,13 @@ from .base import RangeFile, Reader, TensorInfo
 
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 
-# declared size may exceed stored size only by this factor (compression)
-_MAX_INFLATION = 1000
+# declared size may exceed stored size only by this factor (compression). Keras
+# never compresses weights and float data deflates < 2x; 64x leaves room for
+# zero-filled tensors without letting a 4 MB file make us inflate 4 GB.
+_MAX_INFLATION = 64
+
+# what h5py raises (besides OSError) for corrupt metadata met while walking the tree
+_H5_ERRORS = (OSError, RuntimeError, KeyError, ValueError, TypeError)
 
 _H5_DTYPES = {
     "f8": "float64", "f4": "float32", "f2": "float16", "i8": "int64", "i4": "int32",
@@ -58,6 +63,30 @@ def _name_list(attrs: h5py.AttributeManager, key: str) -> list[str]:
     return names
 
 
+def _open_error(msg: str) -> tuple[str, str, bool]:
+    """(cause, reason, retryable) for an error of ``h5py.File()``.
+
+    Only a lock conflict means "being written"; a bad superblock is corruption,
+    and retrying it would go on forever.
+    """
+    low = msg.lower()
+    if "unable to lock file" in low or "resource temporarily unavailable" in low:
+        return "HDF5 file is locked by its writer", "incomplete", True
+    detail = msg.split("(", 1)[1].rstrip(")") if "(" in msg else msg
+    detail = detail.strip() or "corrupt"
+    if "truncated file" in low or "signature not found" in low:
+        return f"not a readable HDF5 file ({detail})", "truncated", True
+    return f"not a readable HDF5 file ({detail})", "corrupt", False
+
+
+def _hard_link(gid: h5py.h5g.GroupID, name: str) -> bool:
+    """True when ``name`` in the group is a hard link (not soft, not external)."""
+    try:
+        return gid.links.get_info(name.encode()).type == h5py.h5l.TYPE_HARD
+    except _H5_ERRORS:
+        return False
+
+
 def _strip_suffix(name: str) -> str:
     return name[:-2] if name.endswith(":0") else name
 
@@ -82,20 +111,30 @@ class KerasH5Reader(Reader):
         self._order: list[str] = []
         self._listed: set[str] = set()
         self._range: RangeFile | None = None
+        # object addresses of the datasets registered: a hard link to one already
+        # seen is refused (aliasing multiplies the scan; see B12 in reliability.md)
+        self._seen: dict[int, str] = {}
+        self._groups: set[int] = set()
+        self._contiguous_bytes = 0
+        self._declared_bytes = 0
         try:
             self._h5 = h5py.File(fileobj if fileobj is not None else path, "r")
         except OSError as exc:
-            msg = str(exc)
-            locked = "lock" in msg
-            raise self.error(
-                "HDF5 file is locked by its writer" if locked
-                else f"not a readable HDF5 file ({msg.split('(')[0].strip() or 'corrupt'})",
-                "incomplete" if locked else "truncated", retryable=True) from None
+            cause, reason, retryable = _open_error(str(exc))
+            raise self.error(cause, reason, retryable) from None
         try:
-            self._range = RangeFile(self.path, base_offset, member_size)
+            # offsets inside a compressed member mean nothing on disk: no RangeFile
+            if direct_io:
+                self._range = RangeFile(self.path, base_offset, member_size)
+            self._file_size = member_size if member_size is not None else \
+                self._h5.id.get_filesize()
             # Keras >= 3.6: the ``name`` attribute of each ``<path>/vars`` group
             self.k3_layer_names: dict[str, str] = {}
-            self._open()
+            try:
+                self._open()
+            except _H5_ERRORS as exc:
+                raise self.error(f"corrupt HDF5 metadata ({exc.__class__.__name__}: {exc})"
+                                 ) from None
         except Exception:
             self.close()
             raise
@@ -108,12 +147,18 @@ class KerasH5Reader(Reader):
         self.keras_version = _text(attrs.get("keras_version", ""))
         if "model_config" in attrs:
             try:
-                self.meta.model_config = json.loads(_text(attrs["model_config"]))
-            except json.JSONDecodeError:
+                config = json.loads(_text(attrs["model_config"]))
+            except (json.JSONDecodeError, RecursionError):
+                config = None
                 self.meta.notes.append("model_config attribute is not valid JSON; ignored")
-        if "model_weights" in root and isinstance(root["model_weights"], h5py.Group):
+            if isinstance(config, dict):
+                self.meta.model_config = config
+            elif config is not None:
+                self.meta.notes.append("model_config attribute is not a JSON object; ignored")
+        weights = self._child(root, "model_weights")
+        if isinstance(weights, h5py.Group):
             self.format = "keras2-h5"
-            self._walk_k2(root["model_weights"])
+            self._walk_k2(weights)
         elif "layer_names" in attrs or "layer_names0" in attrs:
             self.format = "keras2-h5"
             self._walk_k2(root)
@@ -123,14 +168,31 @@ class KerasH5Reader(Reader):
         else:
             raise self.error("HDF5 file has neither a Keras 2 nor a Keras 3 weights layout",
                              "unsupported")
-        optimizer = root.get("optimizer_weights")
+        optimizer = self._child(root, "optimizer_weights")
         if isinstance(optimizer, h5py.Group):
             self._walk_plain(optimizer, "optimizer_weights")
+
+    def _child(self, group: h5py.Group, key: str) -> Any:
+        """``group[key]`` through a hard link only, else None (with a note).
+
+        Soft and external links may point anywhere, other files included: data
+        outside the checkpoint is never read, and a dangling link is not an error.
+        """
+        if _hard_link(group.id, key):
+            return group.get(key)
+        try:
+            exists = group.id.links.exists(key.encode())
+        except _H5_ERRORS:
+            exists = False
+        if exists:
+            self.meta.notes.append(f"{group.name.rstrip('/')}/{key} is a soft or external "
+                                   "link; not followed")
+        return None
 
     def _walk_k2(self, group: h5py.Group) -> None:
         layers = _name_list(group.attrs, "layer_names") or list(group.keys())
         for layer in layers:
-            sub = group.get(layer)
+            sub = self._child(group, layer)
             if not isinstance(sub, h5py.Group):
                 continue
             for wname in _name_list(sub.attrs, "weight_names"):
@@ -142,13 +204,18 @@ class KerasH5Reader(Reader):
                 self._list(name)
 
     def _walk_k3(self, group: h5py.Group, prefix: str) -> None:
+        addr = h5py.h5o.get_info(group.id).addr
+        if addr in self._groups:  # a hard-link cycle or a group linked twice
+            self.meta.notes.append(f"group {group.name} is linked more than once; skipped")
+            return
+        self._groups.add(addr)
         for key in group:
-            item = group.get(key)
+            item = self._child(group, key)
             path = f"{prefix}{key}"
             if isinstance(item, h5py.Group):
                 if key == "vars":
                     for idx in sorted(item.keys(), key=lambda k: (len(k), k)):
-                        ds = item[idx]
+                        ds = self._child(item, idx)
                         if isinstance(ds, h5py.Dataset):
                             self._add(f"{path}/{idx}", ds.id, ds.name)
                     label = _text(item.attrs.get("name", ""))
@@ -181,8 +248,17 @@ class KerasH5Reader(Reader):
         shape = tuple(int(d) for d in dsid.shape)
         info = TensorInfo(name, shape, dtype)
         nbytes = info.size * dtypes.itemsize(dtype)
+        addr = h5py.h5o.get_info(dsid).addr
+        if addr in self._seen:
+            raise self.error(f"dataset {where} is another hard link to {self._seen[addr]}: "
+                             "aliased datasets are refused")
+        self._seen[addr] = where
         plist = dsid.get_create_plist()
-        contiguous = (self._direct and plist.get_layout() == h5py.h5d.CONTIGUOUS
+        layout = plist.get_layout()
+        if layout == h5py.h5d.VIRTUAL or plist.get_external_count():
+            raise self.error(f"dataset {where} keeps its data outside this file (virtual or "
+                             "external storage): refused", "forbidden")
+        contiguous = (self._direct and layout == h5py.h5d.CONTIGUOUS
                       and plist.get_nfilters() == 0)
         offset = dsid.get_offset() if contiguous else None
         if offset is not None:
@@ -191,12 +267,20 @@ class KerasH5Reader(Reader):
                 raise self.error(f"dataset {where} declares {nbytes} bytes at offset {offset}, "
                                  f"past the end of the file ({self._range.size} bytes)",
                                  "truncated", True)
+            self._contiguous_bytes += nbytes
+            if self._contiguous_bytes > self._range.size:
+                raise self.error(f"datasets up to {where} declare {self._contiguous_bytes} "
+                                 f"bytes in a file of {self._range.size}: they overlap")
             self._offsets[name] = offset
         else:
             stored = dsid.get_storage_size()
             if nbytes > stored * _MAX_INFLATION + (1 << 20):
                 raise self.error(f"dataset {where} declares shape {shape} ({nbytes} bytes) "
                                  f"but stores only {stored} bytes")
+            self._declared_bytes += nbytes
+            if self._declared_bytes > self._file_size * _MAX_INFLATION + (1 << 20):
+                raise self.error(f"datasets up to {where} declare {self._declared_bytes} bytes "
+                                 f"in a file of {self._file_size}", "too_large")
             self._datasets[name] = h5py.Dataset(dsid)
         self._list(name)
         self._infos[name] = info
@@ -231,16 +315,45 @@ class KerasH5Reader(Reader):
         pending = self._pending.pop(name, None)
         if pending is not None:
             gid, wname = pending
-            where = f"{_text(h5py.h5i.get_name(gid) or b'')}/{wname}"
-            try:  # the low-level API: a fraction of the cost of h5py's wrappers
-                dsid = h5py.h5d.open(gid, wname.encode())
-            except (KeyError, ValueError, TypeError):
-                raise self.error(f"{where} is listed in weight_names but does not exist",
-                                 "truncated", True) from None
-            if not self._add(name, dsid, where):
-                self._order.remove(name)
-                self._listed.discard(name)
+            try:
+                where = f"{_text(h5py.h5i.get_name(gid) or b'')}/{wname}"
+                self._open_pending(name, gid, wname, where)
+            except _H5_ERRORS as exc:
+                raise self.error(f"corrupt HDF5 metadata ({exc.__class__.__name__}: {exc})"
+                                 ) from None
         return super().info(name)
+
+    def _open_pending(self, name: str, gid: h5py.h5g.GroupID, wname: str, where: str
+                      ) -> None:
+        """Open a Keras 2 dataset named in ``weight_names``, through hard links only."""
+        parts = [p for p in wname.split("/") if p]
+        for depth, part in enumerate(parts):
+            if not _hard_link(gid, part):
+                what = "does not exist" if not gid.links.exists(part.encode()) else \
+                    "is reached through a soft or external link"
+                if what == "does not exist":
+                    raise self.error(f"{where} is listed in weight_names but does not exist",
+                                     "truncated", True)
+                self.meta.notes.append(f"{where} {what}; not followed")
+                self._drop(name)
+                return
+            if depth < len(parts) - 1:
+                try:
+                    gid = h5py.h5g.open(gid, part.encode())
+                except (KeyError, ValueError, TypeError):
+                    raise self.error(f"{where} is listed in weight_names but does not exist",
+                                     "truncated", True) from None
+        try:  # the low-level API: a fraction of the cost of h5py's wrappers
+            dsid = h5py.h5d.open(gid, parts[-1].encode() if parts else b".")
+        except (KeyError, ValueError, TypeError):
+            raise self.error(f"{where} is listed in weight_names but does not exist",
+                             "truncated", True) from None
+        if not self._add(name, dsid, where):
+            self._drop(name)
+
+    def _drop(self, name: str) -> None:
+        self._order.remove(name)
+        self._listed.discard(name)
 
     # -- data ----------------------------------------------------------------
     def _read_flat(self, info: TensorInfo, start: int, stop: int) -> np.ndarray:
@@ -262,8 +375,11 @@ class KerasH5Reader(Reader):
             r0, r1 = start // row, -(-stop // row)
             try:
                 flat = np.asarray(ds[r0:r1]).reshape(-1)[start - r0 * row: stop - r0 * row]
-            except (OSError, ValueError) as exc:
+            except OSError as exc:
                 raise self.error(f"dataset {ds.name}: {exc}", "truncated", True) from None
+            except _H5_ERRORS as exc:
+                raise self.error(f"dataset {ds.name}: corrupt ({exc.__class__.__name__}: "
+                                 f"{exc})") from None
         if info.dtype == "bfloat16":
             flat = dtypes.decode(flat.view(np.uint16).tobytes(), "bfloat16")
         return flat
