@@ -119,8 +119,10 @@ class KerasZipReader(KerasH5Reader):
             raise
         self._fileobj = fileobj
         self.format = "keras"
-        if config is not None:
+        if isinstance(config, dict):
             self.meta.model_config = config
+        elif config is not None:
+            self.meta.notes.append("config.json is not a JSON object; ignored")
 
     def close(self) -> None:
         super().close()
