@@ -11,6 +11,7 @@ import json
 import os
 import struct
 import zipfile
+import zlib
 
 from ..errors import CheckpointError
 from .base import open_regular
@@ -72,6 +73,24 @@ def _data_offset(path: str, info: zipfile.ZipInfo) -> int:
     return info.header_offset + 30 + name_len + extra_len
 
 
+def _inflate(path: str, zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
+    """A member's bytes, never more than its declared size.
+
+    ``zf.read()`` inflates the whole deflate stream whatever the header declares;
+    a bounded ``read(n)`` stops the decompressor at ``n`` bytes.
+    """
+    try:
+        with zf.open(info) as fh:
+            data = fh.read(info.file_size + 1)
+    except (zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError,
+            NotImplementedError, RuntimeError) as exc:
+        raise CheckpointError(path, f"zip member {info.filename} unreadable ({exc})") from None
+    if len(data) != info.file_size:
+        raise CheckpointError(path, f"zip member {info.filename} holds {len(data)} bytes, "
+                              f"not the {info.file_size} its header declares")
+    return data
+
+
 class KerasZipReader(KerasH5Reader):
     def __init__(self, path: str):
         try:
@@ -93,8 +112,8 @@ class KerasZipReader(KerasH5Reader):
                     raise CheckpointError(path, f"config.json declares {cfg_info.file_size} "
                                           "bytes; refusing", "too_large")
                 try:
-                    config = json.loads(zf.read(cfg_info).decode("utf-8"))
-                except (ValueError, zipfile.BadZipFile, OSError) as exc:
+                    config = json.loads(_inflate(path, zf, cfg_info).decode("utf-8"))
+                except (ValueError, RecursionError) as exc:
                     raise CheckpointError(path, f"config.json unreadable ({exc})") from None
             stored = member.compress_type == zipfile.ZIP_STORED
             if not stored and member.file_size > _MAX_RATIO * max(member.compress_size, 1):
@@ -106,7 +125,7 @@ class KerasZipReader(KerasH5Reader):
                 fileobj: io.IOBase = _Window(path, base, member.file_size)
             elif member.file_size <= (256 << 20):
                 base = 0
-                fileobj = io.BytesIO(zf.read(member))
+                fileobj = io.BytesIO(_inflate(path, zf, member))
             else:
                 raise CheckpointError(path, "model.weights.h5 is compressed and over 256 MB: "
                                       "unsupported (Keras itself stores it uncompressed)",
