@@ -118,10 +118,12 @@ class WebSecurity:
         """Re-read (``ConfigError`` leaves the current settings in force)."""
         with self._lock:
             new = build(path)
+            quiet = path is None and self.path is None  # nothing configured, nothing to say
             self.path = path
             if (new.ctx is None) != (self._settings.ctx is None):
                 log.warning("web config: TLS switched %s", "on" if new.ctx else "off")
             self._settings = new
         for note in (new.web.notes if new.web else ()):
             log.warning("%s", note)
-        log.info("web config: %s", self.describe())
+        if not quiet:
+            log.info("web config: %s", self.describe())
