@@ -122,6 +122,10 @@ def list_candidates(folder: str, patterns: Iterable[str], step_regex: str | None
         for name, entry in entries.items():
             try:
                 link = entry.is_symlink()
+                if link and not follow_symlinks and os.path.isdir(entry.path):
+                    if depth < max_depth and not ignored_dir(name):
+                        notes[entry.path] = "symlinked folder not followed"
+                    continue
                 if entry.is_dir(follow_symlinks=follow_symlinks):
                     if depth < max_depth and not ignored_dir(name):
                         stack.append((entry.path, depth + 1))

@@ -264,6 +264,7 @@ def test_symlinks_do_not_lead_out_of_the_model_folder(tmp_path: Path):
         assert f"skipping {m / 'ckpt-900.h5'}: symlink points outside the model folder" in log
         assert f"skipping {m / 'ckpt-950.h5'}: symlink cannot be resolved" in log
         assert f"skipping {m / 'ckpt-990.h5'}: not a regular file" in log
+        assert f"skipping {m / 'sub'}: symlinked folder not followed" in log
         assert not re.search(r"skipping \S*last\.ckpt", log)   # a link inside is fine
         assert not re.search(r"model m: analys\w+ \S*(ckpt-9|sub/)", log)
         assert "ckpt-999" not in log  # the linked folder was not even listed
