@@ -294,6 +294,9 @@ _FILL_TMP = textwrap.dedent("""
 def _private_tmp_works() -> str | None:
     if UNSHARE is None:
         return "unshare not installed"
+    here = (os.path.realpath(sys.executable), os.path.realpath(__file__))
+    if any(p.startswith(("/tmp/", "/var/tmp/")) for p in here):
+        return "the interpreter or the checkout lives under /tmp, which the tmpfs would hide"
     res = subprocess.run([UNSHARE, "--mount", "--propagation", "private", "sh", "-c",
                           "mount -t tmpfs tmpfs /tmp"], capture_output=True, text=True)
     return None if res.returncode == 0 else res.stderr.strip()
