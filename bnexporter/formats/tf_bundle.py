@@ -18,6 +18,7 @@ boundaries), are reassembled from their parts.
 from __future__ import annotations
 
 import codecs
+import itertools
 import math
 import os
 import re
@@ -282,6 +283,18 @@ def check_extents(bundle: Bundle, sizes: list[int]) -> None:
                                   f"end of {name} ({sizes[e.shard]} bytes)", "truncated", True)
 
 
+def check_overlap(bundle: Bundle) -> None:
+    """Refuse entries whose byte ranges overlap: TF writes each tensor once, and
+    thousands of entries naming one range would multiply the scan (B12)."""
+    spans = sorted((e.shard, e.offset, e.offset + e.size, e.key)
+                   for e in bundle.data_entries() if e.size > 0)
+    for (shard, _, end, key), (shard2, begin2, _, key2) in itertools.pairwise(spans):
+        if shard == shard2 and begin2 < end:
+            raise CheckpointError(bundle.prefix + ".index",
+                                  f"tensors {key!r} and {key2!r} share bytes of shard {shard}: "
+                                  "aliased entries are refused")
+
+
 def bundle_complete(prefix: str) -> bool:
     """True when the index footer is valid and every shard holds its tensors."""
     try:
@@ -411,18 +424,39 @@ def _is_optimizer(node: Node, edge: str) -> bool:
             or any(name in _OPTIMIZER_CHILDREN for _, name in node.children))
 
 
-def _paths(nodes: list[Node], avoid_optimizers: bool) -> dict[int, tuple[str, ...]]:
-    """Breadth-first (shortest, as TF's own key assignment) path to each node."""
-    paths: dict[int, tuple[str, ...]] = {0: ()}
+# deeper object graphs are not models (Keras nests a few dozen levels at most)
+MAX_GRAPH_DEPTH = 256
+
+
+def _paths(nodes: list[Node], avoid_optimizers: bool) -> dict[int, tuple[int, str, int]]:
+    """Breadth-first (shortest, as TF's own key assignment) route to each node, as
+    ``node -> (parent, edge, depth)`` links: copying whole path tuples per node would
+    cost O(n^2) on a long chain. Nodes deeper than MAX_GRAPH_DEPTH are not reached."""
+    links: dict[int, tuple[int, str, int]] = {0: (-1, "", 0)}
     queue = deque([0])
     while queue:
         nid = queue.popleft()
+        depth = links[nid][2] + 1
+        if depth > MAX_GRAPH_DEPTH:
+            continue
         for child, edge in nodes[nid].children:
-            if child in paths or (avoid_optimizers and _is_optimizer(nodes[child], edge)):
+            if child in links or (avoid_optimizers and _is_optimizer(nodes[child], edge)):
                 continue
-            paths[child] = (*paths[nid], edge)
+            links[child] = (nid, edge, depth)
             queue.append(child)
-    return paths
+    return links
+
+
+def _path_of(links: dict[int, tuple[int, str, int]], nid: int) -> tuple[str, ...] | None:
+    """The edge names from the root to ``nid`` (None when unreachable)."""
+    if nid not in links:
+        return None
+    out: list[str] = []
+    parent, edge, _ = links[nid]
+    while parent >= 0:
+        out.append(edge)
+        parent, edge, _ = links[parent]
+    return tuple(reversed(out))
 
 
 def unescape_key(key: str) -> str:
@@ -462,7 +496,7 @@ def name_from_graph(nodes: list[Node], keys: list[str]) -> Naming:
     naming = Naming({}, set(), {})
     for nid, node in enumerate(nodes):
         for attr, full_name, key in node.attributes:
-            path = model.get(nid) or every.get(nid)
+            path = _path_of(model, nid) or _path_of(every, nid)
             cands = []
             full = full_name[:-2] if full_name.endswith(":0") else full_name
             if "/" in full:
@@ -544,6 +578,7 @@ class TFBundleReader(Reader):
         self._shards = [RangeFile(data_filename(self.prefix, i, bundle.num_shards))
                         for i in range(bundle.num_shards)]
         check_extents(bundle, [f.size for f in self._shards])
+        check_overlap(bundle)
         self.big_endian = bundle.big_endian
         self._slices = bundle.slices
         numeric: list[Entry] = []
@@ -630,25 +665,60 @@ class TFBundleReader(Reader):
 
     def _read_sliced(self, info: TensorInfo, slices: list[Slice], start: int, stop: int
                      ) -> np.ndarray:
-        """Assemble the rows (along dim 0) that cover ``[start, stop)`` from every slice
-        overlapping them: memory stays at one chunk plus a row, whatever the tensor size."""
-        size = dtypes.itemsize(info.dtype)
-        row = math.prod(info.shape[1:])
-        r0, r1 = start // row, -(-stop // row)
-        out = np.zeros((r1 - r0, *info.shape[1:]),
-                       dtype=dtypes.decode(b"", info.dtype).dtype)
-        for part in slices:
-            (s0, n0), rest = part.extents[0], part.extents[1:]
+        """Flat elements ``[start, stop)`` of a partitioned tensor, from every slice
+        overlapping them: memory stays at the chunk asked for, whatever the tensor shape."""
+        parts = [(p.extents, p.entry.shard, p.entry.offset) for p in slices]
+        return self._assemble(info.shape, parts, start, stop, info.dtype)
+
+    def _assemble(self, shape: tuple[int, ...], parts: list[tuple[Extents, int, int]],
+                  start: int, stop: int, dtype: str) -> np.ndarray:
+        """Split ``[start, stop)`` into whole rows (along dim 0), assembled directly,
+        and at most two partial rows, assembled by recursing into the row's sub-tensor."""
+        row = math.prod(shape[1:])
+        pieces = []
+        pos = start
+        while pos < stop:
+            r, c0 = divmod(pos, row)
+            if c0 == 0 and stop - pos >= row:
+                n = (stop - pos) // row
+                pieces.append(self._rows(shape, parts, r, r + n, dtype).reshape(-1))
+                pos += n * row
+            else:
+                c1 = min(row, stop - r * row)
+                pieces.append(self._assemble(shape[1:], self._row_parts(shape, parts, r, dtype),
+                                             c0, c1, dtype))
+                pos = r * row + c1
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+
+    @staticmethod
+    def _row_parts(shape: tuple[int, ...], parts: list[tuple[Extents, int, int]], r: int,
+                   dtype: str) -> list[tuple[Extents, int, int]]:
+        """The parts covering row ``r`` of ``shape``, as parts of that row's sub-tensor."""
+        out = []
+        for extents, shard, offset in parts:
+            (s0, n0), rest = extents[0], extents[1:]
+            if s0 <= r < s0 + n0:
+                prow = math.prod(n for _, n in rest)
+                out.append((rest, shard, offset + (r - s0) * prow * dtypes.itemsize(dtype)))
+        return out
+
+    def _rows(self, shape: tuple[int, ...], parts: list[tuple[Extents, int, int]], r0: int,
+              r1: int, dtype: str) -> np.ndarray:
+        """Whole rows ``[r0, r1)`` of ``shape``."""
+        size = dtypes.itemsize(dtype)
+        out = np.zeros((r1 - r0, *shape[1:]), dtype=dtypes.decode(b"", dtype).dtype)
+        for extents, shard, offset in parts:
+            (s0, n0), rest = extents[0], extents[1:]
             a, b = max(s0, r0), min(s0 + n0, r1)
             if a >= b:
                 continue
-            prow = math.prod(part.entry.shape[1:])
-            raw = self._shards[part.entry.shard].read(
-                part.entry.offset + (a - s0) * prow * size, (b - a) * prow * size)
-            block = dtypes.decode(raw, info.dtype, self.big_endian)
+            pshape = tuple(n for _, n in rest)
+            prow = math.prod(pshape)
+            raw = self._shards[shard].read(offset + (a - s0) * prow * size, (b - a) * prow * size)
+            block = dtypes.decode(raw, dtype, self.big_endian)
             out[(slice(a - r0, b - r0), *(slice(s, s + n) for s, n in rest))] = \
-                block.reshape((b - a, *part.entry.shape[1:]))
-        return out.reshape(-1)[start - r0 * row:stop - r0 * row]
+                block.reshape((b - a, *pshape))
+        return out
 
     def close(self) -> None:
         for f in self._shards:
