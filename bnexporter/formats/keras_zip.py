@@ -98,6 +98,8 @@ class KerasZipReader(KerasH5Reader):
         except (zipfile.BadZipFile, OSError) as exc:
             raise CheckpointError(path, f"incomplete or corrupt zip archive ({exc})",
                                   "truncated", True) from None
+        except (ValueError, NotImplementedError, RuntimeError, EOFError) as exc:
+            raise CheckpointError(path, f"unreadable zip archive ({exc})") from None
         with zf:
             names = {i.filename: i for i in zf.infolist()}
             member = names.get("model.weights.h5")

@@ -28,6 +28,8 @@ class NpzReader(Reader):
             self._zip = zipfile.ZipFile(path)
         except (zipfile.BadZipFile, OSError) as exc:
             raise self.error(f"not a readable zip archive ({exc})", "truncated", True) from None
+        except _MEMBER_ERRORS as exc:  # e.g. NotImplementedError: zip file version 7.5
+            raise self.error(f"unreadable zip archive ({exc})") from None
         self._members: dict[str, zipfile.ZipInfo] = {}
         self._cache: dict[str, np.ndarray] = {}
         self._archive_size = os.stat(path).st_size
