@@ -575,8 +575,13 @@ class TFBundleReader(Reader):
                 "incomplete" if found else "io", retryable=found)
         bundle = load_index(self.prefix)
         shard_sizes(bundle)  # names a missing shard before any open() fails
-        self._shards = [RangeFile(data_filename(self.prefix, i, bundle.num_shards))
-                        for i in range(bundle.num_shards)]
+        for i in range(bundle.num_shards):
+            shard = data_filename(self.prefix, i, bundle.num_shards)
+            try:
+                self._shards.append(RangeFile(shard))
+            except CheckpointError as exc:  # name the bundle, as every other error does
+                raise self.error(f"data shard {os.path.basename(shard)}: {exc.cause}",
+                                 exc.reason, exc.retryable) from None
         check_extents(bundle, [f.size for f in self._shards])
         check_overlap(bundle)
         self.big_endian = bundle.big_endian
@@ -706,6 +711,14 @@ class TFBundleReader(Reader):
               r1: int, dtype: str) -> np.ndarray:
         """Whole rows ``[r0, r1)`` of ``shape``."""
         size = dtypes.itemsize(dtype)
+        for extents, shard, offset in parts:  # one part holds them all: no copy
+            (s0, n0), rest = extents[0], extents[1:]
+            if s0 <= r0 and r1 <= s0 + n0 and all(
+                    s == 0 and n == d for (s, n), d in zip(rest, shape[1:], strict=True)):
+                prow = math.prod(shape[1:])
+                raw = self._shards[shard].read(offset + (r0 - s0) * prow * size,
+                                               (r1 - r0) * prow * size)
+                return dtypes.decode(raw, dtype, self.big_endian)
         out = np.zeros((r1 - r0, *shape[1:]), dtype=dtypes.decode(b"", dtype).dtype)
         for extents, shard, offset in parts:
             (s0, n0), rest = extents[0], extents[1:]
