@@ -1,7 +1,7 @@
 """Benchmark bnexporter's checkpoint analysis against a naive loader and a raw read.
 
-    python benchmarks/bench_scan.py [--sizes 1,4] [--formats h5,safetensors,pt]
-                                    [--out DIR] [--keep] [--probes raw,bn,full,naive,torch]
+    python benchmarks/bench_scan.py [--sizes 1,4] [--formats h5,safetensors,pt] [--out DIR]
+                                    [--keep] [--probes raw,bn,bnplain,full,naive,torch]
 
 Writes synthetic ResNet-152-like checkpoints (see synth.py) of each size, then
 for each file runs every probe in its own fresh process (probes.py) with the
@@ -47,7 +47,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="1,4", help="file sizes in GB (1e9 bytes), comma list")
     ap.add_argument("--formats", default="h5,safetensors,pt")
-    ap.add_argument("--probes", default="raw,bn,full,naive,torch")
+    ap.add_argument("--probes", default="raw,bn,bnplain,full,naive,torch")
     ap.add_argument("--out", help="directory for the big files (default: a new temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the files (reused next run)")
     ap.add_argument("--torch-python", help="interpreter with torch for the torch peer "
@@ -133,7 +133,7 @@ def check(probe: dict[str, Any], model: synth.Model) -> list[str]:
     """Compare a probe's findings with what synth planted."""
     res = probe.get("result", {})
     problems = []
-    if probe["kind"] in ("bn", "full", "torch"):
+    if probe["kind"] in ("bn", "bnplain", "full", "torch"):
         if res.get("error"):
             problems.append(f"error: {res['error']}")
         if res.get("bn_layers") != model.bn_layers():
@@ -175,12 +175,14 @@ def _mb(x: float | None) -> str:
 
 def table(rows: list[dict[str, Any]]) -> str:
     head = ("| format | size GB | raw read s (GB/s) | BN-only ms first / steady | "
+            "BN-only no-refine ms first / steady | "
             "full scan s (GB/s) | full peak RSS MB | naive s | naive peak RSS MB | "
             "full vs naive | full / raw | torch mmap BN-only ms first / steady |")
     lines = [head, "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"]
     for r in rows:
         p = r["probes"]
-        raw, bn, full, nv, tc = (p.get(k, {}) for k in ("raw", "bn", "full", "naive", "torch"))
+        raw, bn, bp, full, nv, tc = (p.get(k, {}) for k in
+                                     ("raw", "bn", "bnplain", "full", "naive", "torch"))
         gb = r["bytes"] / GB
         tput = lambda d, gb=gb: f"{_s(d.get('seconds'))} ({gb / d['seconds']:.2f})" \
             if d.get("seconds") else "-"  # noqa: E731
@@ -190,7 +192,8 @@ def table(rows: list[dict[str, Any]]) -> str:
             if raw.get("seconds") and full.get("seconds") else "-"
         lines.append(
             f"| {r['format']} | {gb:.2f} | {tput(raw)} | "
-            f"{_ms(bn.get('seconds'))} / {_ms(bn.get('repeat_median'))} | {tput(full)} | "
+            f"{_ms(bn.get('seconds'))} / {_ms(bn.get('repeat_median'))} | "
+            f"{_ms(bp.get('seconds'))} / {_ms(bp.get('repeat_median'))} | {tput(full)} | "
             f"{_mb(full.get('peak_rss_mb'))} | {_s(nv.get('seconds'))} | "
             f"{_mb(nv.get('peak_rss_mb'))} | {speed} | {ratio} | "
             f"{_ms(tc.get('seconds'))} / {_ms(tc.get('repeat_median'))} |")
@@ -204,19 +207,23 @@ def verdicts(rows: list[dict[str, Any]]) -> list[str]:
         mine = sorted((r for r in rows if r["format"] == fmt), key=lambda r: r["bytes"])
         big = mine[-1]
         p = big["probes"]
-        bn = p.get("bn", {})
-        if bn.get("seconds") is not None:
-            lim = BN_TARGET_MS[fmt]
-            first, steady = 1000 * bn["seconds"], 1000 * bn["repeat_median"]
-            verdict = "met" if first < lim else "met steady only" if steady < lim else "MISSED"
-            out.append(f"{fmt}: BN-only {first:.0f} ms first / {steady:.0f} ms steady at "
-                       f"{big['bytes'] / GB:.1f} GB, target < {lim:.0f} ms: {verdict}")
-        if len(mine) > 1 and bn.get("repeat_median") and \
-                mine[0]["probes"].get("bn", {}).get("repeat_median"):
-            small = mine[0]["probes"]["bn"]["repeat_median"]
-            out.append(f"{fmt}: BN-only steady time {mine[0]['bytes'] / GB:.1f} GB -> "
-                       f"{big['bytes'] / GB:.1f} GB: x{bn['repeat_median'] / small:.2f} "
-                       "(must not grow with file size)")
+        for kind, label in (("bn", "BN-only"), ("bnplain", "BN-only no-refine")):
+            bn = p.get(kind, {})
+            if bn.get("seconds") is not None:
+                lim = BN_TARGET_MS[fmt]
+                first, steady = 1000 * bn["seconds"], 1000 * bn["repeat_median"]
+                verdict = "met" if first < lim else "met steady only" if steady < lim \
+                    else "MISSED"
+                out.append(f"{fmt}: {label} {first:.0f} ms first / {steady:.0f} ms steady at "
+                           f"{big['bytes'] / GB:.1f} GB, peak RSS "
+                           f"{bn.get('peak_rss_mb', 0):.0f} MB, target < {lim:.0f} ms: "
+                           f"{verdict}")
+            if len(mine) > 1 and bn.get("repeat_median") and \
+                    mine[0]["probes"].get(kind, {}).get("repeat_median"):
+                small = mine[0]["probes"][kind]["repeat_median"]
+                out.append(f"{fmt}: {label} steady time {mine[0]['bytes'] / GB:.1f} GB -> "
+                           f"{big['bytes'] / GB:.1f} GB: x{bn['repeat_median'] / small:.2f} "
+                           "(must not grow with file size)")
         full, nv, raw = p.get("full", {}), p.get("naive", {}), p.get("raw", {})
         if full.get("seconds"):
             if full.get("peak_rss_mb") is not None:
@@ -274,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
                 if not reader:
                     row["notes"].append(f"bnexporter has no {fmt} reader here: bn/full skipped")
                 for kind in probes:
-                    if kind in ("bn", "full") and not reader:
+                    if kind in ("bn", "bnplain", "full") and not reader:
                         continue
                     if kind == "torch" and (fmt != "pt" or tpy is None):
                         continue

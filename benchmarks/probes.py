@@ -5,10 +5,12 @@ did nothing but this one job reports a clean peak. Imports happen
 before the clock starts; ``base_rss_mb`` is the peak after imports, so the
 job's own memory is ``peak_rss_mb - base_rss_mb``.
 
-Kinds: raw (sequential 8 MB reads, no parsing), bn (bnexporter ``--bn-only``),
-full (bnexporter full scan), naive (the seed's approach: every tensor loaded
-whole, then numpy ``abs`` comparisons), torch (``torch.load(mmap=True)`` and the
-BN-only job in torch; needs torch). Nothing here imports torch except ``torch``.
+Kinds: raw (sequential 8 MB reads, no parsing), bn (bnexporter ``--bn-only``
+with the default refined estimate), bnplain (``--bn-only --no-refine``: the plain
+estimate, no producer kernels read), full (bnexporter full scan, default
+settings), naive (the seed's approach: every tensor loaded whole, then numpy
+``abs`` comparisons), torch (``torch.load(mmap=True)`` and the BN-only job in
+torch; needs torch). Nothing here imports torch except ``torch``.
 """
 
 from __future__ import annotations
@@ -67,10 +69,13 @@ def _summary(report: Any) -> dict[str, Any]:
             "unknown_consumers": s.unknown_consumers}
 
 
-def bnexporter_scan(path: str, bn_only: bool) -> dict[str, Any]:
+def bnexporter_scan(path: str, bn_only: bool, refine: bool = True) -> dict[str, Any]:
+    from dataclasses import replace
+
+    from bnexporter.analysis import Thresholds
     from bnexporter.scan import ScanOptions, analyse_path
 
-    opts = ScanOptions(bn_only=bn_only)
+    opts = ScanOptions(bn_only=bn_only, thresholds=replace(Thresholds(), refine=refine))
     t0 = time.perf_counter()
     report = analyse_path(path, opts)
     first = time.perf_counter() - t0
@@ -226,15 +231,15 @@ def _import_bnexporter(fmt: str) -> None:
 def main(argv: list[str]) -> None:
     kind, fmt, path = argv
     import numpy  # noqa: F401
-    if kind in ("bn", "full"):
+    if kind in ("bn", "bnplain", "full"):
         _import_bnexporter(fmt)
     elif kind == "torch":
         import torch  # noqa: F401
     base = peak_rss_mb()
     if kind == "raw":
         out = raw_read(path)
-    elif kind in ("bn", "full"):
-        out = bnexporter_scan(path, bn_only=kind == "bn")
+    elif kind in ("bn", "bnplain", "full"):
+        out = bnexporter_scan(path, bn_only=kind != "full", refine=kind != "bnplain")
     elif kind == "naive":
         out = naive(path, fmt)
     elif kind == "torch":

@@ -155,6 +155,33 @@ def resnet152() -> tuple[list[Tensor], list[KerasLayer], int, int]:
     return t, lay, planted, relu_bn
 
 
+def bn_chain(n_bn: int = 150, channels: int = 16) -> Model:
+    """A small plain chain ``conv -> BN -> ReLU`` x n_bn and a 10-way head.
+
+    Why: the daemon benchmarks need many models with many BN layers (metric volume)
+    whose analysis is cheap, so the kernels are 1x1 and narrow. Every DEAD_EVERY-th
+    BN layer gets DEAD_PER_LAYER dead channels as in ResNet-152.
+    """
+    t: list[Tensor] = []
+    lay: list[KerasLayer] = [KerasLayer("input_1", "InputLayer", [], {
+        "batch_input_shape": [None, 32, 32, 3], "dtype": "float32"})]
+    x, cin = "input_1", 3
+    for i in range(n_bn):
+        x = _conv(t, lay, f"conv{i}", f"features.{i}.conv", x, cin, channels, 1)
+        x = _bn(t, lay, f"bn{i}", f"features.{i}.bn", x, channels, i)
+        x = _act(lay, f"relu{i}", x)
+        cin = channels
+    lay.append(KerasLayer("avg_pool", "GlobalAveragePooling2D", [x]))
+    seed = len(t)
+    t.append(Tensor("predictions", "kernel", "fc.weight", (channels, 10), (10, channels),
+                    "weight", seed))
+    t.append(Tensor("predictions", "bias", "fc.bias", (10,), (10,), "bias", seed + 1))
+    lay.append(KerasLayer("predictions", "Dense", ["avg_pool"],
+                          {"units": 10, "activation": "softmax", "use_bias": True}))
+    planted = sum(DEAD_PER_LAYER for i in range(n_bn) if i % DEAD_EVERY == 0)
+    return Model(t, lay, planted, n_bn)
+
+
 def build_model(target_bytes: int) -> Model:
     """ResNet-152 plus padding tensors until the float32 payload reaches ``target_bytes``."""
     tensors, layers, planted, relu_bn = resnet152()
