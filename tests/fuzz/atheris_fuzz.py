@@ -16,7 +16,8 @@ anything else propagates and is reported by atheris as a crash.
 
 Set BNEXPORTER_FUZZ_IGNORE_KNOWN=1 to keep going past the bugs already listed in
 docs/reliability.md. The ``h5`` and ``keras`` targets run libhdf5 in-process:
-a C-level hang there (bug B20) shows up as a libFuzzer timeout.
+a C-level spin there (bug B20) holds the GIL, libFuzzer's timeout never fires and
+the run stalls; fuzz HDF5 with tests/fuzz/test_fuzz_hdf5.py (sandboxed) instead.
 """
 
 from __future__ import annotations

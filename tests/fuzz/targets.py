@@ -134,7 +134,8 @@ KNOWN = {
     "B6": r"formats/npz\.py|npz reader failed|negative dimensions are not allowed",
     "B7": r"object has no attribute 'get'.*keras_graph\.py",
     "B9": r"keras reader failed: BadZipFile",
-    "B19": r"keras(-h5)? reader failed: (RuntimeError|KeyError|ValueError|TypeError|OSError)",
+    "B19": r"keras(-h5)? reader failed: (RuntimeError|KeyError|ValueError|TypeError|OSError)"
+           r"|^(RuntimeError|KeyError|ValueError|TypeError|OSError): .*hdf5_keras\.py",
 }
 IGNORE_KNOWN = os.environ.get("BNEXPORTER_FUZZ_IGNORE_KNOWN") == "1"
 

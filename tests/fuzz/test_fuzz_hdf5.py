@@ -17,6 +17,7 @@ from tests.fuzz.targets import IGNORE_KNOWN, known_message
 from tests.hostile.sandbox import Sandbox, problems
 
 H5 = fs.h5_seeds()
+STATS = os.environ.get("BNEXPORTER_FUZZ_STATS")  # file to append one line per input to
 KERAS = fs.keras_seeds()
 
 
@@ -41,6 +42,10 @@ def judge(box: Sandbox, path: str, data: bytes) -> None:
     found = problems(expect, verdict)
     bug = known_message(verdict.get("error") or "") or (
         "B20" if verdict["status"] == "timeout" else None)  # B20: libhdf5 spins in C
+    if STATS:  # long runs: one line per input (status, known bug, whether it broke a rule)
+        with open(STATS, "a") as fh:
+            fh.write(f"{verdict['status']}\t{bug or '-'}\t{int(bool(found))}\t"
+                     f"{(verdict.get('error') or '')[-120:]}\n")
     if found and IGNORE_KNOWN and bug:
         return
     tag = f"[known bug {bug}, docs/reliability.md]" if bug else "[NEW]"

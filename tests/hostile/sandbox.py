@@ -153,9 +153,13 @@ def analyse_many(jobs: Iterable[tuple[str, str, str | None, float | None]], work
     return results
 
 
-def escaped(path: str) -> str:
-    """A path with control characters shown as ``\\xNN`` (how an error line may show it)."""
-    return "".join(f"\\x{ord(c):02x}" if ord(c) < 32 or c == "\x7f" else c for c in path)
+def shown(path: str) -> set[str]:
+    """Ways an error line may show a path: raw, or with control characters and
+    undecodable bytes escaped (``\\xNN`` or Python-repr style)."""
+    hexed = "".join(f"\\x{ord(c):02x}" if ord(c) < 32 or c == "\x7f" else c for c in path)
+    return {path, hexed, repr(path)[1:-1], path.encode("unicode_escape", "backslashreplace")
+            .decode("ascii"), path.encode("utf-8", "backslashreplace").decode("utf-8")
+            .encode("unicode_escape").decode("ascii")}
 
 
 def problems(m: dict, r: dict) -> list[str]:
@@ -176,8 +180,7 @@ def problems(m: dict, r: dict) -> list[str]:
     err = r.get("error") or ""
     if status == "error":
         named = m["error_file"]
-        ok = any(err.startswith(n + ": ") and err[len(n) + 2:].strip()
-                 for n in (named, escaped(named)))
+        ok = any(err.startswith(n + ": ") and err[len(n) + 2:].strip() for n in shown(named))
         if not ok and os.path.isdir(named):  # a TF folder: the error names what it points at
             head, sep, cause = err.partition(": ")
             ok = head.startswith(named + "/") and bool(sep) and bool(cause.strip())
