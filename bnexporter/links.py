@@ -12,6 +12,7 @@ plain Gaussian estimate", never a guess.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -88,17 +89,28 @@ def refine_layers(reader: Reader, layers: list[BNLayer],
     params = {layer.name: refine.BNParams.of(read(layer.gamma), read(layer.beta),
                                              read(layer.mean), read(layer.var), layer.eps)
               for layer in layers}
-    producers: dict[str, refine.Producer] = {}
+    producers: dict[str, _LazyProducer] = {}
     for name, link in links.items():
         if link.feed is None or link.groups <= 0:
             continue
-        info = reader.info(link.kernel)
-        if info.size > kernel_max:
+        if reader.info(link.kernel).size > kernel_max:
             continue
-        w = refine.kernel_matrix(reader.read_array(link.kernel), link.layout)
         bias = None if link.bias is None else np.asarray(reader.read(link.bias), np.float64)
-        producers[name] = refine.Producer.of(link, w, bias)
-    return refine.refine_network(params, producers)
+        producers[name] = _LazyProducer(reader, link, bias)
+    return refine.refine_network(params, producers)  # type: ignore[arg-type]
+
+
+class _LazyProducer:
+    """A producer whose kernel is read and reduced only when its layer is refined,
+    and not kept: memory stays bounded by the largest kernel, not the model."""
+
+    def __init__(self, reader: Reader, link: Link, bias: np.ndarray | None):
+        self.link, self.bias, self._reader = link, bias, reader
+
+    @property
+    def kernel(self) -> refine.KernelStats:
+        w = refine.kernel_matrix(self._reader.read_array(self.link.kernel), self.link.layout)
+        return refine.KernelStats.of(w)
 
 
 # -- Keras: follow the config graph ------------------------------------------------
@@ -114,8 +126,8 @@ _KERAS_MAXPOOL = re.compile(r"^(MaxPooling\dD|MaxPool\dD)$")
 
 def _keras_vars(reader: Reader, graph: KerasGraph) -> dict[str, dict[str, str]]:
     """Layer name -> {variable: tensor name} for kernels and biases."""
-    names = {info.name for info in reader.tensors()
-             if info.name not in reader.meta.auxiliary and not info.name.startswith("optimizer")}
+    names = {name for name in reader.names()
+             if name not in reader.meta.auxiliary and not name.startswith("optimizer")}
     out: dict[str, dict[str, str]] = {}
     k3 = {**_k3_paths(graph), **getattr(reader, "k3_layer_names", {})}
     for name in names:
@@ -238,8 +250,8 @@ def _keras_model_output(graph: KerasGraph, spec: LayerSpec, bns: set[str],
 # -- PyTorch: torchvision-style module names ----------------------------------------
 
 def _torch_links(reader: Reader, layers: list[BNLayer]) -> dict[str, Link]:
-    order = [info.name for info in reader.tensors() if info.name not in reader.meta.auxiliary]
-    shapes = {info.name: info.shape for info in reader.tensors()}
+    order = [name for name in reader.names() if name not in reader.meta.auxiliary]
+    shapes = _Shapes(reader)
     modules = _module_order(order)
     bn_by_module = {layer.name: layer for layer in layers}
     block_inputs = _resnet_block_inputs(layers)
@@ -334,7 +346,28 @@ def _module_order(names: list[str]) -> list[str]:
 _TRANSPOSED = re.compile(r"(deconv|transpose|convt|upconv|upsampl|\bup)", re.IGNORECASE)
 
 
-def _torch_producer(bn: str, shapes: dict[str, tuple[int, ...]]) -> str | None:
+class _Shapes(Mapping[str, tuple[int, ...]]):
+    """Tensor shapes looked up on demand (a lazy reader opens only what is asked)."""
+
+    def __init__(self, reader: Reader):
+        self._reader, self._names = reader, set(reader.names())
+
+    def __getitem__(self, name: str) -> tuple[int, ...]:
+        if name not in self._names:
+            raise KeyError(name)
+        return self._reader.info(name).shape
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+def _torch_producer(bn: str, shapes: Mapping[str, tuple[int, ...]]) -> str | None:
     """``P.bnK`` <- ``P.convK``; ``P.bn`` <- ``P.conv``; ``S.i`` <- ``S.(i-1)``."""
     if _TRANSPOSED.search(bn):
         return None
