@@ -242,6 +242,8 @@ def special_file_cases() -> list[Case]:
         # names are data too: an error line must stay one line whatever the file is called
         Case("special/newline-in-name", "any",
              lambda d: _write(d / "model\nERROR fake: injected.pt", b"junk")),
+        Case("special/newline-in-name-dangling-link", "any",
+             lambda d: _symlink(d, "model\nERROR fake: injected.pt", "nowhere.pt")),
         Case("special/escape-codes-in-name", "any",
              lambda d: _write(d / "model\x1b[2J\x1b[31m.pt", b"junk")),
         Case("special/non-utf8-name", "any",
