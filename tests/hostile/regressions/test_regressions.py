@@ -360,6 +360,11 @@ def test_b18_error_line_escapes_the_file_name(tmp_path: Path) -> None:
     report = analyse_path(str(path))
     assert report.error and "\n" not in report.error
     assert not any(ord(c) < 32 for c in report.error)
+    # the same name on a dangling link: scan.py's own "cannot stat" line (left after 6c56bf1)
+    link = tmp_path / "link\nERROR fake: injected.pt"
+    os.symlink("nowhere.pt", link)
+    report = analyse_path(str(link))
+    assert report.error and "\n" not in report.error, report.error
 
 
 # -- B19 ----------------------------------------------------------------------------------------
