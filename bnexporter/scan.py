@@ -13,7 +13,7 @@ import numpy as np
 from .analysis import TensorScan, Thresholds, classify_channels
 from .consumers import ConsumerRules
 from .discovery import BNLayer, discover
-from .errors import CheckpointError
+from .errors import CheckpointError, printable
 from .formats import dtypes
 from .formats.base import DEFAULT_CHUNK_ELEMENTS, Reader, TensorInfo
 from .formats.detect import open_reader
@@ -46,14 +46,15 @@ def analyse_path(path: str, opts: ScanOptions | None = None,
     try:
         st = os.stat(path)
     except OSError as exc:
-        return failed(path, f"{path}: cannot stat: {exc.strerror}", "io")
+        return failed(path, f"{printable(path)}: cannot stat: {exc.strerror}", "io")
     try:
         with open_reader(path) as reader:
             report = _analyse(reader, opts, progress)
     except CheckpointError as exc:
         return failed(path, str(exc), exc.reason, step=step_from_name(path, opts.step_regex))
     except (MemoryError, RecursionError) as exc:
-        return failed(path, f"{path}: {exc.__class__.__name__} while analysing", "too_large")
+        return failed(path, f"{printable(path)}: {exc.__class__.__name__} while analysing",
+                      "too_large")
     return CheckpointReport(
         path=path, format=report.format, step=report.step, error=None,
         summary=report.summary, bn_layers=report.bn_layers, tensors=report.tensors,

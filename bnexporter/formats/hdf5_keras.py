@@ -11,11 +11,16 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
+import signal
+import threading
+import time
 from typing import Any
 
 import h5py
 import numpy as np
 
+from ..errors import CheckpointError
 from . import dtypes
 from .base import RangeFile, Reader, TensorInfo
 
@@ -87,6 +92,48 @@ def _hard_link(gid: h5py.h5g.GroupID, name: str) -> bool:
         return False
 
 
+# libhdf5 can spin forever on some corrupt metadata while holding the GIL (B20 in
+# docs/reliability.md): no Python-level timeout can interrupt it. So the metadata walk
+# is first done in a forked child with a deadline; the parent repeats it only once the
+# child has finished (same file, same library: it cannot spin then).
+PROBE_SECONDS = 5.0
+PROBE_SECONDS_PER_GB = 10.0
+
+
+def _probe_metadata(path: str, fileobj: io.IOBase | None, base_offset: int,
+                    member_size: int | None, direct_io: bool) -> None:
+    if not hasattr(os, "fork") or threading.active_count() > 1:
+        return  # forking a threaded process could copy a held HDF5 lock: skip the probe
+    size = member_size if member_size is not None else os.path.getsize(path)
+    limit = PROBE_SECONDS + PROBE_SECONDS_PER_GB * size / 2**30
+    deadline = time.monotonic() + limit
+    pid = os.fork()
+    if pid == 0:  # the child: walk everything the parent may touch, then leave at once
+        try:
+            with KerasH5Reader(path, fileobj, base_offset, member_size, direct_io,
+                               probe=False) as reader:
+                reader.tensors()
+        except BaseException:  # the parent repeats the walk and reports any error
+            pass
+        finally:
+            os._exit(0)
+    delay = 0.001
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise CheckpointError(path, f"HDF5 metadata could not be read within {limit:.0f} s:"
+                                  " libhdf5 hangs on this file (corrupt metadata?)", "corrupt")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
+    if os.WIFSIGNALED(status):
+        raise CheckpointError(path, f"libhdf5 crashed reading the metadata (signal "
+                              f"{os.WTERMSIG(status)})", "corrupt")
+
+
 def _strip_suffix(name: str) -> str:
     return name[:-2] if name.endswith(":0") else name
 
@@ -95,11 +142,14 @@ class KerasH5Reader(Reader):
     """Keras 2 layouts (``layer_names`` / ``weight_names``) and Keras 3 ``layers/*/vars``."""
 
     def __init__(self, path: str, fileobj: io.IOBase | None = None, base_offset: int = 0,
-                 member_size: int | None = None, direct_io: bool = True):
+                 member_size: int | None = None, direct_io: bool = True,
+                 probe: bool = True):
         """``fileobj``/``base_offset``/``member_size`` describe an HDF5 file stored
         inside another file (a ``.keras`` zip member); ``direct_io=False`` when that
         member is compressed, so byte offsets inside it mean nothing on disk."""
         super().__init__(path)
+        if probe:
+            _probe_metadata(path, fileobj, base_offset, member_size, direct_io)
         self._direct = direct_io
         self._base = base_offset
         self._datasets: dict[str, h5py.Dataset] = {}
