@@ -34,9 +34,10 @@ from typing import Any
 import numpy as np
 
 MAX_PICKLE_BYTES = 256 << 20
-# the prescan costs ~1-2 us per opcode in pure Python: 10 M bounds it to seconds,
-# while a 250k-tensor state dict needs ~10 M and typical ones well under 1 M
-MAX_OPCODES = 10_000_000
+# the prescan costs ~1-2 us per opcode in pure Python: 2 M bounds it to a few seconds;
+# a tensor costs ~40 opcodes, so this admits state dicts of ~50k tensors (typical ones
+# need well under 100k opcodes)
+MAX_OPCODES = 2_000_000
 MAX_NAME = 4096
 MAX_TUPLE_DEPTH = 256
 MAX_NESTING = 1000
