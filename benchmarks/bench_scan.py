@@ -1,6 +1,6 @@
 """Benchmark bnexporter's checkpoint analysis against a naive loader and a raw read.
 
-    python benchmarks/bench_scan.py [--sizes 1,4] [--formats h5,safetensors,pt] [--out DIR]
+    python benchmarks/bench_scan.py [--sizes 1,4] [--formats h5,safetensors,pt,tf] [--out DIR]
                                     [--keep] [--probes raw,bn,bnplain,full,naive,torch]
 
 Writes synthetic ResNet-152-like checkpoints (see synth.py) of each size, then
@@ -35,8 +35,9 @@ import synth  # noqa: E402
 
 GB = 1_000_000_000
 GENERATOR_VERSION = 2
-READERS = {"h5": "hdf5_keras", "safetensors": "safetensors", "pt": "torch_zip"}
-BN_TARGET_MS = {"h5": 100.0, "safetensors": 100.0, "pt": 150.0}
+READERS = {"h5": "hdf5_keras", "safetensors": "safetensors", "pt": "torch_zip",
+           "tf": "tf_bundle"}
+BN_TARGET_MS = {"h5": 100.0, "safetensors": 100.0, "pt": 150.0, "tf": 100.0}
 RSS_TARGET_MB = 300.0
 SPEEDUP_TARGET = 3.0
 RAW_RATIO_TARGET = 3.0
@@ -46,7 +47,7 @@ TORCH_CANDIDATES = ("/work/venv-torch/bin/python",)
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="1,4", help="file sizes in GB (1e9 bytes), comma list")
-    ap.add_argument("--formats", default="h5,safetensors,pt")
+    ap.add_argument("--formats", default="h5,safetensors,pt", help="any of h5,safetensors,pt,tf")
     ap.add_argument("--probes", default="raw,bn,bnplain,full,naive,torch")
     ap.add_argument("--out", help="directory for the big files (default: a new temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the files (reused next run)")
@@ -79,18 +80,19 @@ def child_env() -> dict[str, str]:
     return env
 
 
-def warm(path: str) -> float:
-    """Read the whole file once so every probe sees a warm page cache."""
+def warm(paths: list[str]) -> float:
+    """Read the whole checkpoint once so every probe sees a warm page cache."""
     buf = bytearray(8 << 20)
     t0 = time.perf_counter()
-    with open(path, "rb", buffering=0) as fh:
-        while fh.readinto(buf):
-            pass
+    for path in paths:
+        with open(path, "rb", buffering=0) as fh:
+            while fh.readinto(buf):
+                pass
     return time.perf_counter() - t0
 
 
 def run_probe(kind: str, fmt: str, path: str, python: str) -> dict[str, Any]:
-    warm(path)
+    warm(synth.files(fmt, path))
     proc = subprocess.run([python, str(HERE / "probes.py"), kind, fmt, path],
                           env=child_env(), capture_output=True, text=True, timeout=3600)
     if proc.returncode != 0:
@@ -105,7 +107,8 @@ def ensure_file(fmt: str, size_gb: float, out: Path) -> tuple[str, synth.Model, 
     path = out / f"synth-{size_gb:g}gb{synth.SUFFIX[fmt]}"
     manifest = {"version": GENERATOR_VERSION, "format": fmt, "target_bytes": target}
     side = Path(str(path) + ".manifest.json")
-    if path.exists() and side.exists() and json.loads(side.read_text()) == manifest:
+    if all(os.path.exists(p) for p in synth.files(fmt, str(path))) and side.exists() \
+            and json.loads(side.read_text()) == manifest:
         return str(path), synth.build_model(target), None
     t0 = time.perf_counter()
     model = synth.write(fmt, str(path), target)
@@ -267,8 +270,9 @@ def main(argv: list[str] | None = None) -> int:
         for size in sizes:
             for fmt in formats:
                 path, model, wrote = ensure_file(fmt, size, out)
-                created += [Path(path), Path(path + ".manifest.json")]
-                nbytes = os.path.getsize(path)
+                parts = [Path(p) for p in synth.files(fmt, path)]
+                created += [*parts, Path(path + ".manifest.json")]
+                nbytes = sum(p.stat().st_size for p in parts)
                 row: dict[str, Any] = {"format": fmt, "size_gb": size, "bytes": nbytes,
                                        "write_seconds": wrote, "probes": {}, "problems": {},
                                        "notes": []}
@@ -294,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"#   {kind}: {json.dumps(shown)}", flush=True)
                 rows.append(row)
                 if not args.keep:
-                    for p in (Path(path), Path(path + ".manifest.json")):
+                    for p in (*parts, Path(path + ".manifest.json")):
                         p.unlink(missing_ok=True)
     finally:
         if not args.keep:

@@ -50,14 +50,21 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 
-def raw_read(path: str) -> dict[str, Any]:
+def _tf_data(path: str) -> str:
+    return path[: -len(".index")] + ".data-00000-of-00001"
+
+
+def raw_read(path: str, fmt: str) -> dict[str, Any]:
+    """Sequential reads of every file of the checkpoint (index and data shard for tf)."""
     buf = bytearray(BLOCK)
     view = memoryview(buf)
     total = 0
+    paths = [path, _tf_data(path)] if fmt == "tf" else [path]
     t0 = time.perf_counter()
-    with open(path, "rb", buffering=0) as fh:
-        while n := fh.readinto(view):
-            total += n
+    for p in paths:
+        with open(p, "rb", buffering=0) as fh:
+            while n := fh.readinto(view):
+                total += n
     return {"seconds": time.perf_counter() - t0, "bytes": total}
 
 
@@ -165,10 +172,29 @@ def _naive_pt(path: str) -> dict[str, Any]:
     return arrays
 
 
+def _naive_tf(path: str) -> dict[str, Any]:
+    """Index parsed with bnexporter's SSTable code (small, not what is timed here),
+    then every tensor read whole from the data shard with numpy."""
+    import numpy as np
+
+    from bnexporter.formats.tf_bundle import load_index, resolve_prefix
+
+    bundle = load_index(resolve_prefix(path))
+    arrays = {}
+    with open(_tf_data(path), "rb") as fh:
+        for key, e in bundle.entries.items():
+            if e.dtype != 1:  # DT_FLOAT only; synth writes nothing else
+                continue
+            fh.seek(e.offset)
+            arrays[key] = np.fromfile(fh, "<f4", e.size // 4).reshape(e.shape)
+    return arrays
+
+
 def naive(path: str, fmt: str) -> dict[str, Any]:
     import numpy as np
 
-    loader = {"h5": _naive_h5, "safetensors": _naive_safetensors, "pt": _naive_pt}[fmt]
+    loader = {"h5": _naive_h5, "safetensors": _naive_safetensors, "pt": _naive_pt,
+              "tf": _naive_tf}[fmt]
     t0 = time.perf_counter()
     arrays = loader(path)
     t_load = time.perf_counter() - t0
@@ -224,7 +250,8 @@ def _import_bnexporter(fmt: str) -> None:
     import importlib
 
     importlib.import_module("bnexporter.scan")
-    reader = {"h5": "hdf5_keras", "safetensors": "safetensors", "pt": "torch_zip"}[fmt]
+    reader = {"h5": "hdf5_keras", "safetensors": "safetensors", "pt": "torch_zip",
+              "tf": "tf_bundle"}[fmt]
     importlib.import_module(f"bnexporter.formats.{reader}")
 
 
@@ -237,7 +264,7 @@ def main(argv: list[str]) -> None:
         import torch  # noqa: F401
     base = peak_rss_mb()
     if kind == "raw":
-        out = raw_read(path)
+        out = raw_read(path, fmt)
     elif kind in ("bn", "bnplain", "full"):
         out = bnexporter_scan(path, bn_only=kind != "full", refine=kind != "bnplain")
     elif kind == "naive":

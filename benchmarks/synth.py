@@ -539,12 +539,144 @@ def write_pt(path: str, model: Model, content: Content) -> None:
             zi.extra = b""  # central directory without the padding, like torch
 
 
-WRITERS = {"h5": write_h5, "safetensors": write_safetensors, "pt": write_pt}
-SUFFIX = {"h5": ".h5", "safetensors": ".safetensors", "pt": ".pt"}
+# -- TF tensor bundle -------------------------------------------------------------
+
+TF_BLOCK_BYTES = 4096      # LevelDB's default block size, which TF's table builder keeps
+TF_RESTART_INTERVAL = 16
+DT_FLOAT = 1
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _pb_int(field_no: int, n: int) -> bytes:
+    return _varint(field_no << 3) + _varint(n)
+
+
+def _pb_bytes(field_no: int, raw: bytes) -> bytes:
+    return _varint((field_no << 3) | 2) + _varint(len(raw)) + raw
+
+
+def _bundle_entry(shape: tuple[int, ...], offset: int, size: int) -> bytes:
+    """BundleEntryProto: dtype, TensorShapeProto{dim{size}}, shard 0, offset, size.
+
+    proto3 leaves zero fields out; the optional crc32c (field 6) is omitted too.
+    """
+    dims = b"".join(_pb_bytes(2, _pb_int(1, d)) for d in shape)
+    out = _pb_int(1, DT_FLOAT) + _pb_bytes(2, dims)
+    if offset:
+        out += _pb_int(4, offset)
+    return out + _pb_int(5, size)
+
+
+def _sst_block(entries: list[tuple[bytes, bytes]]) -> bytes:
+    """One prefix-compressed LevelDB block: entries, restart offsets, restart count."""
+    out = bytearray()
+    restarts: list[int] = []
+    prev = b""
+    for i, (key, value) in enumerate(entries):
+        shared = 0
+        if i % TF_RESTART_INTERVAL == 0:
+            restarts.append(len(out))
+        else:
+            limit = min(len(prev), len(key))
+            while shared < limit and prev[shared] == key[shared]:
+                shared += 1
+        out += _varint(shared) + _varint(len(key) - shared) + _varint(len(value))
+        out += key[shared:] + value
+        prev = key
+    if not restarts:
+        restarts.append(0)
+    out += b"".join(struct.pack("<I", r) for r in restarts) + struct.pack("<I", len(restarts))
+    return bytes(out)
+
+
+def sstable(entries: list[tuple[bytes, bytes]]) -> bytes:
+    """A complete uncompressed LevelDB table of sorted (key, value) pairs.
+
+    Each block is followed by a type byte 0 and the masked crc32c of block + type;
+    an empty metaindex, an index of (last key -> block handle), the 48-byte footer.
+    """
+    from bnexporter.formats.sstable import MAGIC, crc32c, mask_crc
+
+    out = bytearray()
+
+    def put(block: bytes) -> bytes:
+        handle = _varint(len(out)) + _varint(len(block))
+        trailer = b"\x00"
+        out.extend(block + trailer + struct.pack("<I", mask_crc(crc32c(block + trailer))))
+        return handle
+
+    index: list[tuple[bytes, bytes]] = []
+    pending: list[tuple[bytes, bytes]] = []
+    size = 0
+    for key, value in entries:
+        pending.append((key, value))
+        size += len(key) + len(value) + 6
+        if size >= TF_BLOCK_BYTES:
+            index.append((key, put(_sst_block(pending))))
+            pending, size = [], 0
+    if pending:
+        index.append((pending[-1][0], put(_sst_block(pending))))
+    meta = put(_sst_block([]))
+    idx = put(_sst_block(index))
+    footer = (meta + idx).ljust(40, b"\x00")
+    out += footer + struct.pack("<Q", MAGIC)
+    return bytes(out)
+
+
+def tf_data_path(index_path: str) -> str:
+    return index_path[: -len(".index")] + ".data-00000-of-00001"
+
+
+def write_tf(path: str, model: Model, content: Content) -> None:
+    """A TF1-style tensor bundle ``<prefix>.index`` + ``<prefix>.data-00000-of-00001``.
+
+    Keys are ``<keras layer>/<var>`` (no object graph, so readers take them as-is),
+    values are float32 little-endian in the Keras (C-order) shape, stored back to back
+    in key order as TF's BundleWriter does. The shard is streamed and renamed into
+    place before the index, so a reader never sees an index without its data.
+    """
+    tensors = sorted((t for t in model.tensors if t.keras_layer),
+                     key=lambda t: f"{t.keras_layer}/{t.keras_var}".encode())
+    entries = [(b"", _pb_int(1, 1) + _pb_bytes(3, _pb_int(1, 1)))]
+    data = tf_data_path(path)
+    off = 0
+    with open(data + ".partial", "wb") as fh:
+        for t in tensors:
+            for chunk in content.chunks(t, _row(t.keras_shape)):
+                fh.write(memoryview(np.ascontiguousarray(chunk, dtype="<f4")).cast("B"))
+            entries.append((f"{t.keras_layer}/{t.keras_var}".encode(),
+                            _bundle_entry(t.keras_shape, off, 4 * t.size)))
+            off += 4 * t.size
+        if fh.tell() != off:
+            raise AssertionError(f"wrote {fh.tell()} bytes, index says {off}")
+    os.replace(data + ".partial", data)
+    with open(path + ".partial", "wb") as fh:
+        fh.write(sstable(entries))
+    os.replace(path + ".partial", path)
+
+
+def files(fmt: str, path: str) -> list[str]:
+    """Every file that makes up the checkpoint at ``path``."""
+    return [path, tf_data_path(path)] if fmt == "tf" else [path]
+
+
+WRITERS = {"h5": write_h5, "safetensors": write_safetensors, "pt": write_pt, "tf": write_tf}
+SUFFIX = {"h5": ".h5", "safetensors": ".safetensors", "pt": ".pt", "tf": ".index"}
 
 
 def write(fmt: str, path: str, target_bytes: int, seed: int = 0) -> Model:
     model = build_model(target_bytes)
+    if fmt == "tf":  # two files, each moved into place by the writer itself
+        write_tf(path, model, Content(seed))
+        return model
     tmp = path + ".partial"
     WRITERS[fmt](tmp, model, Content(seed))
     os.replace(tmp, path)
