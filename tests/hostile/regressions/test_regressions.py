@@ -266,7 +266,8 @@ def test_b9_keras_inflation_is_bounded_by_the_declared_size(tmp_path: Path,
                b.ZipMember("model.weights.h5", bomb, method=8, file_size=4096, crc=crc)]
     path = tmp_path / "model.keras"
     path.write_bytes(b.zip_bytes(members))
-    verdict = box.analyse(str(path), timeout=10)
+    with Sandbox(timeout=HANG) as fresh:  # its peak RSS is this file's alone
+        verdict = fresh.analyse(str(path), timeout=10)
     assert verdict["status"] == "error", verdict
     assert " reader failed: " not in verdict["error"], verdict["error"]
     assert "MemoryError" not in verdict["error"], verdict["error"]
