@@ -271,7 +271,8 @@ def test_b9_keras_inflation_is_bounded_by_the_declared_size(tmp_path: Path,
     assert verdict["status"] == "error", verdict
     assert " reader failed: " not in verdict["error"], verdict["error"]
     assert "MemoryError" not in verdict["error"], verdict["error"]
-    assert verdict["maxrss_kb"] < 200_000, verdict["maxrss_kb"]
+    # the buggy reader inflated 256 MB on top of the ~130-200 MB a worker needs anyway
+    assert verdict["maxrss_kb"] < 300_000, verdict["maxrss_kb"]
 
 
 # -- B10 ----------------------------------------------------------------------------------------
