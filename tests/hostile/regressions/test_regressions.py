@@ -240,7 +240,6 @@ def _rezip(src: Path, dst: Path, member: str, compress: int) -> None:
                           compress if info.filename == member else zipfile.ZIP_STORED)
 
 
-@pytest.mark.skipif(not (FIXTURES / "keras" / "k3_small.keras").exists(), reason="fixture")
 def test_b8_deflated_weights_member_is_read(tmp_path: Path) -> None:
     """B8: a .keras whose model.weights.h5 is deflated is refused with "member extends
     past end of file": KerasH5Reader opens RangeFile(path, 0, member_size) although
@@ -371,8 +370,6 @@ def test_b18_error_line_escapes_the_file_name(tmp_path: Path) -> None:
 
 # -- B19 ----------------------------------------------------------------------------------------
 
-@pytest.mark.skipif(not (FIXTURES / "keras" / "k3_small.weights.h5").exists(),
-                    reason="fixture")
 def test_b19_h5py_runtime_errors_are_checkpoint_errors(tmp_path: Path) -> None:
     """B19: h5py raises RuntimeError / KeyError / ValueError (not OSError) for corrupt
     metadata met during the tree walk; they reach open_reader's catch-all ("keras-h5
@@ -389,8 +386,6 @@ def test_b19_h5py_runtime_errors_are_checkpoint_errors(tmp_path: Path) -> None:
 
 # -- B20 ----------------------------------------------------------------------------------------
 
-@pytest.mark.skipif(not (FIXTURES / "keras" / "k3_small.weights.h5").exists(),
-                    reason="fixture")
 def test_b20_libhdf5_spin_does_not_freeze_the_caller(tmp_path: Path, box: Sandbox) -> None:
     """B20: 16 bytes of the superblock copied over an attribute message (offset 50 ->
     2385 of k3_small.weights.h5) make libhdf5 2.0.0 spin forever in H5Aread while
