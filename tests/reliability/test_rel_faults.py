@@ -282,7 +282,14 @@ def test_inotify_watch_limit_falls_back_to_polling():
 
 _FILL_TMP = textwrap.dedent("""
     set -e
+    # a checkout or interpreter under /tmp (KEEP: its top-level entry) stays visible
+    if [ -n "$KEEP" ]; then
+        mkdir -p /dev/shm/bnx-orig-tmp && mount --bind /tmp /dev/shm/bnx-orig-tmp
+    fi
     mount -t tmpfs -o size=64k,nr_inodes=32,mode=1777 tmpfs /tmp
+    if [ -n "$KEEP" ]; then
+        mkdir "/tmp/$KEEP" && mount --bind "/dev/shm/bnx-orig-tmp/$KEEP" "/tmp/$KEEP"
+    fi
     mount --bind /tmp /var/tmp
     dd if=/dev/zero of=/tmp/fill bs=4k 2>/dev/null || true
     i=0; while touch /tmp/f$i 2>/dev/null; do i=$((i+1)); done
@@ -291,12 +298,17 @@ _FILL_TMP = textwrap.dedent("""
 """)
 
 
+def _kept_tmp_entry() -> str:
+    """The top-level /tmp entry holding the interpreter or this checkout, if any."""
+    for p in (os.path.realpath(sys.executable), os.path.realpath(__file__)):
+        if p.startswith("/tmp/"):
+            return p.split("/")[2]
+    return ""
+
+
 def _private_tmp_works() -> str | None:
     if UNSHARE is None:
         return "unshare not installed"
-    here = (os.path.realpath(sys.executable), os.path.realpath(__file__))
-    if any(p.startswith(("/tmp/", "/var/tmp/")) for p in here):
-        return "the interpreter or the checkout lives under /tmp, which the tmpfs would hide"
     res = subprocess.run([UNSHARE, "--mount", "--propagation", "private", "sh", "-c",
                           "mount -t tmpfs tmpfs /tmp"], capture_output=True, text=True)
     return None if res.returncode == 0 else res.stderr.strip()
@@ -304,6 +316,7 @@ def _private_tmp_works() -> str | None:
 
 def test_tmp_full_falls_back_to_threads_and_recovers():
     why = _private_tmp_works()
+    keep = _kept_tmp_entry()
     base = Path(f"/dev/shm/bnexporter-rel-{os.getpid()}")  # not under the full /tmp
     base.mkdir()
     try:
@@ -312,8 +325,8 @@ def test_tmp_full_falls_back_to_threads_and_recovers():
         write_checkpoint(str(folder / "ckpt-100.h5"), 100)
         cfg = base_config(models=[{"name": "m", "path": str(folder)}])
         if why is None:
-            prefix = [UNSHARE, "--mount", "--propagation", "private", "sh", "-c", _FILL_TMP,
-                      "sh"]
+            prefix = ["env", f"KEEP={keep}", UNSHARE, "--mount", "--propagation", "private",
+                      "sh", "-c", _FILL_TMP, "sh"]
             d = Daemon(base, cfg, prefix=prefix)
         else:  # no mount namespaces here: make tempfile find no usable folder instead
             print(f"private /tmp unavailable ({why}); simulating with a missing tempdir")
@@ -331,7 +344,8 @@ def test_tmp_full_falls_back_to_threads_and_recovers():
             d.wait_for(lambda s: _step(s, "m") == 200, "still analysing in threads")
             if why is None:  # free /tmp (as seen by the daemon) and processes come back
                 for name in os.listdir(f"/proc/{d.pid}/root/tmp"):
-                    os.unlink(f"/proc/{d.pid}/root/tmp/{name}")
+                    if name != keep:
+                        os.unlink(f"/proc/{d.pid}/root/tmp/{name}")
                 time.sleep(5.5)
                 write_checkpoint(str(folder / "ckpt-300.h5"), 300)
                 d.wait_for(lambda s: _step(s, "m") == 300, "analysed after /tmp freed")
