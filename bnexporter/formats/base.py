@@ -118,6 +118,14 @@ class Reader(ABC):
         self.close()
 
     # -- for subclasses -------------------------------------------------------
+    def _parse_or_close(self) -> None:
+        """Run the subclass's ``_parse``; a failure releases the handles it opened."""
+        try:
+            self._parse()  # type: ignore[attr-defined]
+        except Exception:
+            self.close()
+            raise
+
     @abstractmethod
     def _read_flat(self, info: TensorInfo, start: int, stop: int) -> np.ndarray:
         ...

@@ -39,11 +39,7 @@ class SafetensorsReader(OffsetReader):
     def __init__(self, path: str):
         super().__init__(path)
         self._file = RangeFile(path)
-        try:
-            self._parse()
-        except Exception:
-            self.close()
-            raise
+        self._parse_or_close()
 
     def _parse(self) -> None:
         f = self._file

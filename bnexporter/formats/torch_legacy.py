@@ -79,11 +79,7 @@ class TorchLegacyReader(TorchReaderBase):
         super().__init__(path)
         self._file = RangeFile(path)
         self._spans: dict[str, tuple[int, int]] = {}
-        try:
-            self._parse()
-        except Exception:
-            self.close()
-            raise
+        self._parse_or_close()
 
     def _pickle_at(self, pos: int, what: str, storages: dict[str, StorageRef] | None = None
                    ) -> tuple[object, int]:
