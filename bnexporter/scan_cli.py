@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
-from .analysis import Thresholds
-from .consumers import PRESETS, ConsumerRules
-from .report import CheckpointReport
-from .scan import ScanOptions, analyse_path
+from bnexporter.detection.analysis import Thresholds
+from bnexporter.report import CLASS_NAMES, CheckpointReport
+from bnexporter.scan import ScanOptions, analyse_path
+from bnexporter.topology.consumers import PRESETS, ConsumerRules
 
 EXIT_OK, EXIT_FOUND, EXIT_UNREADABLE = 0, 1, 2
 
@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _progress_printer(path: str):  # type: ignore[no-untyped-def]
+def _progress_printer(path: str) -> Callable[[int, int], None]:
     def show(done: int, total: int) -> None:
         if total > (64 << 20):
             pct = 100.0 * done / total
@@ -103,13 +103,14 @@ def format_text(r: CheckpointReport, top: int = 10) -> str:
         f"{r.path}",
         f"  format {r.format}, step {r.step if r.step is not None else '?'}, "
         f"{s.bn_layers} BN layers, {s.channels} channels, {r.duration_seconds * 1000:.0f} ms",
-        f"  dead {s.dead} ({100 * s.dead_ratio:.1f}%), near-dead {s.near_dead}, "
-        f"collapsed gamma {s.collapsed_gamma}, dead input {s.dead_input}, "
-        f"constant {s.constant}, saturated {s.saturated}",
+        f"  dead {s.dead} ({100 * s.dead_ratio:.1f}% of {s.relu_channels} ReLU-fed channels), "
+        + ", ".join(f"{name.replace('_', ' ')} {s.counts.get(name, 0)}"
+                    for name in CLASS_NAMES if name != "dead"),
+        f"  consumers known or inferred for {100 * s.consumer_coverage:.0f}% of BN layers",
     ]
     if s.unknown_consumers:
-        lines.append(f"  {s.unknown_consumers} BN layers have an unknown consumer (no graph in "
-                     "the file): their dead channels assume a ReLU follows")
+        lines.append(f"  {s.unknown_consumers} BN layers have an unknown consumer: they are "
+                     "not counted as dead; 'would be dead' counts what a ReLU would kill")
     worst = r.worst_layers(top)
     if worst:
         lines.append("  worst layers:")
@@ -117,7 +118,8 @@ def format_text(r: CheckpointReport, top: int = 10) -> str:
         for layer in worst:
             lines.append(
                 f"    {layer.name:<{width}}  dead {len(layer.dead):>4}/{layer.channels:<5} "
-                f"near-dead {len(layer.near_dead):>4}  consumer {layer.consumer}")
+                f"near-dead {len(layer.near_dead):>4}  consumer {layer.consumer} "
+                f"({layer.consumer_source})")
     bad = [t for t in r.tensors if t.nonfinite]
     if bad:
         lines.append(f"  non-finite values: {s.nonfinite} in {len(bad)} tensors")
@@ -127,11 +129,11 @@ def format_text(r: CheckpointReport, top: int = 10) -> str:
         lines.append(f"  tensors with extreme values: {len(extreme)}")
         lines += [f"    {t.name}: {t.huge} huge, {t.tiny} tiny, max |w| {t.max_abs:.3g}"
                   for t in extreme[:top]]
-    dead_filters = [t for t in r.tensors if t.dead_filters]
+    dead_filters = [(t.name, t.dead_filters) for t in r.tensors if t.dead_filters]
     if dead_filters:
         lines.append("  kernels with ~zero output filters:")
-        lines += [f"    {t.name}: filters {t.dead_filters[:12]}"
-                  f"{' ...' if len(t.dead_filters) > 12 else ''}" for t in dead_filters[:top]]
+        lines += [f"    {name}: filters {filters[:12]}{' ...' if len(filters) > 12 else ''}"
+                  for name, filters in dead_filters[:top]]
     lines += [f"  note: {n}" for n in r.notes[:5]]
     return "\n".join(lines) + "\n"
 

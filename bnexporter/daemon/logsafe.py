@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import logging
 import re
+from types import TracebackType
 
 # C0 controls, DEL, C1 controls, and the Unicode line/paragraph separators
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+_ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None] | tuple[None, None, None]
 
 
 def escape_controls(text: str) -> str:
@@ -36,7 +38,7 @@ class SafeFormatter(logging.Formatter):
         record.message = escape_controls(record.message)
         return super().formatMessage(record)
 
-    def formatException(self, ei) -> str:  # type: ignore[no-untyped-def]
+    def formatException(self, ei: _ExcInfo) -> str:
         return _indent(super().formatException(ei))
 
     def formatStack(self, stack_info: str) -> str:

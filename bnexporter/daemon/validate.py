@@ -15,27 +15,22 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-import yaml
-
-from ..analysis import Thresholds
-from ..consumers import PRESETS
-from ..keras_graph import CONSUMERS
-from .config import (
+from bnexporter.daemon.config import (
     ISOLATIONS,
     LOG_LEVELS,
     PLACEHOLDER,
     WATCH_MODES,
     Analysis,
     Config,
+    ConfigError,
     MetricOptions,
     ModelSpec,
     Retry,
+    read_yaml,
 )
-
-
-class ConfigError(Exception):
-    """A configuration problem; ``str()`` is the one line to show the user."""
-
+from bnexporter.detection.analysis import Thresholds
+from bnexporter.topology.consumers import PRESETS
+from bnexporter.topology.keras_graph import CONSUMERS
 
 THRESHOLD_KEYS = tuple(f.name for f in fields(Thresholds))
 METRIC_KEYS = tuple(f.name for f in fields(MetricOptions))
@@ -227,8 +222,12 @@ def _analysis(ctx: _Ctx, values: dict[str, Any], loc: str, base: Analysis) -> An
         value, where = values[key], _join(loc, key)
         if key == "patterns":
             a = replace(a, patterns=_strings(ctx, value, where))
-        elif key in ("bn_only", "backfill", "follow_symlinks"):
-            a = replace(a, **{key: _boolean(ctx, value, where)})
+        elif key == "bn_only":
+            a = replace(a, bn_only=_boolean(ctx, value, where))
+        elif key == "backfill":
+            a = replace(a, backfill=_boolean(ctx, value, where))
+        elif key == "follow_symlinks":
+            a = replace(a, follow_symlinks=_boolean(ctx, value, where))
         elif key == "step_regex":
             a = replace(a, step_regex=_regex(ctx, value, where))
         elif key == "eps":
@@ -413,26 +412,6 @@ def _check_unique(ctx: _Ctx, models: list[ModelSpec]) -> None:
             raise ctx.fail(f"{where}.{'name' if spec.name else 'path'}",
                            f"duplicate {what} (also {seen[key]})")
         seen[key] = where
-
-
-def read_yaml(path: str) -> Any:
-    """Parse a config file; syntax errors become ``file:line:col: ...`` one-liners."""
-    try:
-        with open(path, encoding="utf-8") as fh:
-            text = fh.read()
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not UTF-8 text") from None
-    try:
-        return yaml.safe_load(text)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
-        problem = " ".join(str(exc.problem or exc.context or "syntax error").split())
-        raise ConfigError(f"{where}: invalid YAML: {problem}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: invalid YAML: {' '.join(str(exc).split())}") from None
 
 
 def load_config(path: str | None, overrides: Overrides | None = None,

@@ -12,10 +12,16 @@ import os
 import struct
 import zipfile
 import zlib
+from typing import TYPE_CHECKING
 
-from ..errors import CheckpointError
-from .base import open_regular
-from .hdf5_keras import KerasH5Reader
+from bnexporter.errors import CheckpointError
+from bnexporter.formats import zipmember
+from bnexporter.formats.base import open_regular
+from bnexporter.formats.hdf5_keras import KerasH5Reader
+from bnexporter.formats.spec import Format, Probe
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
 
 MAX_CONFIG_BYTES = 64 << 20
 _MAX_RATIO = 100  # a deflated member claiming more than this inflation is refused
@@ -42,10 +48,11 @@ class _Window(io.RawIOBase):
         self._pos = max(0, ref + offset)
         return self._pos
 
-    def readinto(self, buf) -> int:  # type: ignore[no-untyped-def]
-        n = max(0, min(len(buf), self._size - self._pos))
+    def readinto(self, buf: WriteableBuffer) -> int:
+        view = memoryview(buf)
+        n = max(0, min(len(view), self._size - self._pos))
         data = os.pread(self._fd, n, self._base + self._pos) if n else b""
-        buf[: len(data)] = data
+        view[: len(data)] = data
         self._pos += len(data)
         return len(data)
 
@@ -150,3 +157,14 @@ class KerasZipReader(KerasH5Reader):
         fileobj = getattr(self, "_fileobj", None)
         if fileobj is not None:
             fileobj.close()
+
+
+def _sniff(probe: Probe) -> bool:
+    if not probe.is_zip:
+        return False
+    top = set(probe.members())
+    return "model.weights.h5" in top or ("config.json" in top and "metadata.json" in top)
+
+
+FORMAT = Format("keras", zipmember.looks_like, _sniff, KerasZipReader, zipmember.incomplete,
+                ("*.keras",))

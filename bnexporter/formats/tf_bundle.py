@@ -25,14 +25,16 @@ import re
 import struct
 from collections import deque
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import numpy as np
 
-from ..errors import CheckpointError
-from . import dtypes
-from . import protowire as pw
-from .base import RangeFile, Reader, TensorInfo, read_head
-from .sstable import crc32c, has_magic, mask_crc, read_table
+from bnexporter.errors import CheckpointError
+from bnexporter.formats import dtypes
+from bnexporter.formats import protowire as pw
+from bnexporter.formats.base import RangeFile, Reader, TensorInfo, read_head
+from bnexporter.formats.spec import Format, Incomplete
+from bnexporter.formats.sstable import crc32c, has_magic, mask_crc, read_table
 
 OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
 VALUE_SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"
@@ -729,10 +731,34 @@ class TFBundleReader(Reader):
             prow = math.prod(pshape)
             raw = self._shards[shard].read(offset + (a - s0) * prow * size, (b - a) * prow * size)
             block = dtypes.decode(raw, dtype, self.big_endian)
-            out[(slice(a - r0, b - r0), *(slice(s, s + n) for s, n in rest))] = \
-                block.reshape((b - a, *pshape))
+            index = (slice(a - r0, b - r0), *(slice(s, s + n) for s, n in rest))
+            out[index] = block.reshape((b - a, *pshape))
         return out
 
     def close(self) -> None:
         for f in self._shards:
             f.close()
+
+
+_SHARD = re.compile(r"\.data-\d{5}-of-\d{5}$")
+
+
+def is_bundle_path(path: str) -> bool:
+    """A TF checkpoint is a prefix, its ``.index``, a data shard or its folder."""
+    if path.endswith(".index") or os.path.basename(path) == "checkpoint":
+        return True
+    if _SHARD.search(path):
+        return True
+    if os.path.isdir(path):
+        return os.path.isfile(os.path.join(path, "checkpoint"))
+    return not os.path.exists(path) and os.path.isfile(path + ".index")
+
+
+def incomplete(path: str, fh: BinaryIO, head: bytes, size: int) -> Incomplete:
+    if not path.endswith(".index") or bundle_complete(path[: -len(".index")]):
+        return None
+    return "incomplete", "TF bundle index or data shards are not complete yet"
+
+
+FORMAT = Format("tf", lambda head: False, lambda p: is_bundle_path(p.path), TFBundleReader,
+                incomplete, ("*.index",), by_path=is_bundle_path)

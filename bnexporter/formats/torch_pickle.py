@@ -28,8 +28,7 @@ import pickletools
 import re
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from typing import IO, Any, Literal, cast
 
 import numpy as np
 
@@ -242,6 +241,11 @@ class Opaque(metaclass=_OpaqueMeta):
     __slots__ = ("args", "items", "kwargs", "listitems", "state")
     global_module = ""
     global_name = ""
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    state: object
+    items: list[tuple[object, object]]
+    listitems: list[object]
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Opaque:
         self = object.__new__(cls)
@@ -288,7 +292,7 @@ class Opaque(metaclass=_OpaqueMeta):
 
 
 def _itemsize(dtype: str) -> int | None:
-    from . import dtypes
+    from bnexporter.formats import dtypes
 
     if dtypes.is_supported(dtype):
         return dtypes.itemsize(dtype)
@@ -419,7 +423,8 @@ def _bytearray(*args: object) -> bytearray:
 def _complex(*args: object) -> complex:
     if len(args) > 2 or not all(isinstance(a, (int, float, str)) for a in args):
         raise Refused("complex built from non-numbers")
-    return complex(*args)  # type: ignore[arg-type]
+    numbers: tuple[Any, ...] = args  # checked just above: ints, floats or strings
+    return complex(*numbers)
 
 
 def _slice(*args: object) -> slice:
@@ -463,7 +468,7 @@ class NumpyDType(_Inert):
     def numpy(self) -> np.dtype | None:
         if self.code is None or not re.fullmatch(r"[biufc?][0-9]{0,2}", self.code):
             return None
-        bo = "<" if self.byteorder in ("|", "=") else self.byteorder
+        bo: Literal["<", ">"] = ">" if self.byteorder == ">" else "<"  # "|" and "=" read as "<"
         return np.dtype(self.code).newbyteorder(bo)
 
 
@@ -525,8 +530,9 @@ _FIXED = _fixed_globals()
 
 
 def _opaque_class(module: str, name: str) -> type[Opaque]:
-    return _OpaqueMeta("Opaque", (Opaque,), {"__slots__": (), "global_module": module,
-                                            "global_name": name})
+    cls = _OpaqueMeta("Opaque", (Opaque,), {"__slots__": (), "global_module": module,
+                                           "global_name": name})
+    return cast("type[Opaque]", cls)
 
 
 # shared (immutable) classes for results we record instead of computing
@@ -563,7 +569,7 @@ _STRING_OPS = frozenset({"STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "B
                          "SHORT_BINUNICODE", "BINUNICODE8"})
 
 
-def prescan(stream: io.BufferedIOBase | io.BytesIO, limit: int = MAX_PICKLE_BYTES) -> int:
+def prescan(stream: io.BufferedIOBase | io.RawIOBase, limit: int = MAX_PICKLE_BYTES) -> int:
     """Check one pickle's opcodes without building anything; return its length.
 
     Simulates the stack only as far as safety needs: which strings STACK_GLOBAL
@@ -604,7 +610,7 @@ def prescan(stream: io.BufferedIOBase | io.BytesIO, limit: int = MAX_PICKLE_BYTE
 
     n_ops = 0
     try:
-        for op, arg, pos in pickletools.genops(stream):
+        for op, arg, pos in pickletools.genops(cast("IO[bytes]", stream)):  # genops only reads
             n_ops += 1
             if n_ops > MAX_OPCODES or (pos is not None and pos - start > limit):
                 raise Refused(f"pickle is larger than {limit} bytes or "
@@ -658,8 +664,8 @@ def prescan(stream: io.BufferedIOBase | io.BytesIO, limit: int = MAX_PICKLE_BYTE
                     pop_mark()
                 stack.append(0)
             elif name == "STACK_GLOBAL":
-                module, gname = pop(2)
-                check(module, gname)
+                smodule, sname = pop(2)
+                check(smodule, sname)
                 stack.append(0)
             elif name == "OBJ":
                 pop_mark()
@@ -783,226 +789,3 @@ def load(data: bytes, legacy: bool = False,
     except Exception as exc:
         raise Refused(f"unpickling failed: {exc.__class__.__name__}: {str(exc)[:200]}"
                       ) from None
-
-
-# -- what the object graph means -------------------------------------------------
-
-# dict keys that hold the model's weights, most specific first
-WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "network", "ema",
-                "state_dict_ema", "model_ema")
-# keys that hold training state, never the model: not guessed as the weights
-AUX_KEYS = frozenset({"optimizer", "optimizer_states", "optimizer_state_dict", "optim",
-                      "opt", "scheduler", "lr_schedulers", "lr_scheduler", "scaler",
-                      "callbacks", "loops", "amp", "grad_scaler"})
-STEP_KEYS = ("global_step", "step", "iteration", "epoch")
-_STRIP_SEGMENTS = ("_orig_mod",)
-
-
-@dataclass
-class Layout:
-    """Tensors found in a checkpoint's object graph, named like a state_dict."""
-
-    tensors: dict[str, TensorRef] = field(default_factory=dict)
-    auxiliary: set[str] = field(default_factory=set)
-    bn_eps: dict[str, float] = field(default_factory=dict)
-    step: int | TensorRef | None = None
-    step_key: str | None = None
-    source: str = "state_dict"
-    notes: list[str] = field(default_factory=list)
-
-
-def _join(prefix: str, key: str) -> str:
-    return f"{prefix}.{key}" if prefix else key
-
-
-def _key(key: object) -> str | None:
-    if isinstance(key, str):
-        return key
-    if isinstance(key, bytes):
-        return key.decode("latin1")
-    if isinstance(key, int) and not isinstance(key, bool):
-        return str(key)
-    return None
-
-
-def _items(obj: object) -> list[tuple[object, object]]:
-    if isinstance(obj, dict):
-        return list(obj.items())
-    if isinstance(obj, Opaque):
-        return list(obj.items)
-    return []
-
-
-def _module_state(obj: object) -> dict | None:
-    """The ``__dict__`` of a pickled ``nn.Module``, if ``obj`` is one."""
-    if isinstance(obj, Opaque):
-        st = obj.state_dict()
-        if st is not None and "_parameters" in st and "_modules" in st:
-            return st
-    return None
-
-
-def _bn_eps(obj: Opaque, st: dict) -> float | None:
-    """The real epsilon of a pickled BatchNorm-like module (running stats + eps)."""
-    eps = st.get("eps")
-    buffers = dict(_items(st.get("_buffers")))
-    is_bn = "BatchNorm" in obj.global_name or ("running_var" in buffers
-                                               and "running_mean" in buffers)
-    if not is_bn or isinstance(eps, bool) or not isinstance(eps, (int, float)):
-        return None
-    eps = float(eps)
-    return eps if 0.0 <= eps < 1.0 else None
-
-
-def _children(obj: object, path: str, bn_eps: dict[str, float]
-              ) -> list[tuple[str, object]]:
-    st = _module_state(obj)
-    if st is not None:
-        assert isinstance(obj, Opaque)
-        eps = _bn_eps(obj, st)
-        if eps is not None:
-            bn_eps[path] = eps
-        skip = st.get("_non_persistent_buffers_set")
-        skip = skip if isinstance(skip, (set, frozenset)) else set()
-        kids: list[tuple[str, object]] = []
-        for part in ("_parameters", "_buffers", "_modules"):
-            for k, v in _items(st.get(part)):
-                name = _key(k)
-                if name is not None and v is not None and not (
-                        part == "_buffers" and name in skip):
-                    kids.append((name, v))
-        return kids
-    if isinstance(obj, dict):
-        return [(k, v) for k, v in ((_key(k), v) for k, v in obj.items()) if k is not None]
-    if isinstance(obj, (list, tuple)):
-        return [(str(i), v) for i, v in enumerate(obj)]
-    if isinstance(obj, Opaque):
-        kids = [(f"args.{i}", v) for i, v in enumerate(obj.args)]
-        st = obj.state_dict()
-        if st is not None:
-            kids += [(k, v) for k, v in ((_key(k), v) for k, v in st.items()) if k]
-        elif obj.state is not None:
-            kids.append(("state", obj.state))
-        kids += [(k, v) for k, v in ((_key(k), v) for k, v in obj.items) if k]
-        kids += [(str(i), v) for i, v in enumerate(obj.listitems)]
-        return kids
-    return []
-
-
-def flatten(root: object, prefix: str = "", skipped: dict[str, int] | None = None
-            ) -> tuple[dict[str, TensorRef], dict[str, float]]:
-    """Every tensor reachable from ``root``, named by its dotted path (iteratively).
-
-    Tensors we cannot represent (quantized, sparse, meta, wrapper subclasses)
-    are counted in ``skipped`` by their rebuild function.
-    """
-    tensors: dict[str, TensorRef] = {}
-    bn_eps: dict[str, float] = {}
-    seen: set[int] = set()
-    long_paths = f"tensor(s) under paths longer than {MAX_NAME} characters"
-    # path None: the name grew too long; keep walking (depth is still bounded) unnamed
-    stack: list[tuple[object, str | None, int]] = [(root, prefix, 0)]
-    while stack:
-        obj, path, depth = stack.pop()
-        if isinstance(obj, TensorRef):
-            if path is not None:
-                tensors.setdefault(path or "tensor", obj)
-            elif skipped is not None:
-                skipped[long_paths] = skipped.get(long_paths, 0) + 1
-            continue
-        if not isinstance(obj, (dict, list, tuple, Opaque)) or id(obj) in seen:
-            continue
-        if (skipped is not None and isinstance(obj, Opaque)
-                and obj.global_module.startswith("torch")
-                and obj.global_name.startswith("_rebuild_")):
-            skipped[obj.global_name] = skipped.get(obj.global_name, 0) + 1
-        if depth >= MAX_NESTING:
-            raise Refused(f"checkpoint objects nest more than {MAX_NESTING} levels deep",
-                          "too_large")
-        seen.add(id(obj))
-        kids = _children(obj, path or "", bn_eps if path is not None else {})
-        for key, child in reversed(kids):
-            name = None if path is None or len(path) + len(key) + 1 > MAX_NAME \
-                else _join(path, key)
-            stack.append((child, name, depth + 1))
-    return tensors, bn_eps
-
-
-def _renamer(names: list[str]) -> Callable[[str], str]:
-    """Drop ``_orig_mod`` segments (torch.compile) and a ``module.`` prefix on every
-    name (DataParallel/DDP), unless that would make two names collide."""
-
-    def drop(name: str) -> str:
-        return ".".join(p for p in name.split(".") if p not in _STRIP_SEGMENTS)
-
-    dropped = [drop(n) for n in names]
-    prefix = ""
-    while dropped and all(n.startswith(prefix + "module.") for n in dropped):
-        prefix += "module."
-
-    def rename(name: str) -> str:
-        out = drop(name)
-        return out[len(prefix):] if out.startswith(prefix) else out
-
-    if len({rename(n) for n in names}) != len(names):
-        return lambda n: n
-    return rename
-
-
-def _step(root: dict) -> tuple[int | TensorRef | None, str | None]:
-    for key in STEP_KEYS:
-        value = root.get(key)
-        if isinstance(value, bool):
-            continue
-        if isinstance(value, int) and value >= 0:
-            return value, key
-        if isinstance(value, float) and value.is_integer() and value >= 0:
-            return int(value), key
-        if isinstance(value, TensorRef) and value.numel == 1:
-            return value, key
-    return None, None
-
-
-def interpret(root: object) -> Layout:
-    """Find the model weights (bare, wrapped, or a pickled module) and the rest."""
-    layout = Layout()
-    primary_key: str | None = None
-    if isinstance(root, dict) and not any(isinstance(v, TensorRef) for v in root.values()):
-        ranked = [k for k in WRAPPER_KEYS if k in root]
-        ranked += sorted((k for k in root if isinstance(k, str) and k not in ranked
-                          and k not in AUX_KEYS),
-                         key=lambda k: -len(flatten(root[k])[0]))
-        for key in ranked:
-            if flatten(root[key])[0]:
-                primary_key = key
-                break
-    skipped: dict[str, int] = {}
-    if primary_key is None:
-        tensors, bn_eps = flatten(root, "", skipped)
-        layout.source = "module" if _module_state(root) is not None else "state_dict"
-    else:
-        assert isinstance(root, dict)
-        tensors, bn_eps = flatten(root[primary_key], "", skipped)
-        layout.source = primary_key
-        if _module_state(root[primary_key]) is not None:
-            layout.source += " (pickled module)"
-    rename = _renamer(list(tensors))
-    layout.tensors = {rename(n): t for n, t in tensors.items()}
-    layout.bn_eps = {rename(n): e for n, e in bn_eps.items()}
-    if isinstance(root, dict):
-        layout.step, layout.step_key = _step(root)
-        if primary_key is not None:
-            for key, value in root.items():
-                name = _key(key)
-                if key == primary_key or name is None:
-                    continue
-                for aux_name, t in flatten(value, name, skipped)[0].items():
-                    if aux_name in layout.tensors:
-                        layout.notes.append(f"skipped {aux_name}: name already used")
-                        continue
-                    layout.tensors[aux_name] = t
-                    layout.auxiliary.add(aux_name)
-    for kind, count in sorted(skipped.items()):
-        what = kind if " " in kind else f"tensor(s) rebuilt by {kind} (not supported)"
-        layout.notes.append(f"skipped {count} {what}")
-    return layout

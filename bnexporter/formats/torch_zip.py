@@ -14,9 +14,10 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from . import dtypes, torch_pickle, zipmember
-from .base import RangeFile, Reader, TensorInfo
-from .torch_pickle import Refused, StorageRef, TensorRef
+from bnexporter.formats import dtypes, torch_layout, torch_pickle, zipmember
+from bnexporter.formats.base import RangeFile, Reader, TensorInfo
+from bnexporter.formats.spec import Format, Probe
+from bnexporter.formats.torch_pickle import Refused, StorageRef, TensorRef
 
 # Tensors may alias one storage (tied weights) or view it with stride 0, so their
 # declared sizes can exceed the file. Real checkpoints stay within a few times the
@@ -73,7 +74,7 @@ class TorchReaderBase(Reader):
 
     def _setup(self, root: object) -> None:
         try:
-            layout = torch_pickle.interpret(root)
+            layout = torch_layout.interpret(root)
         except Refused as exc:
             raise self.error(exc.cause, exc.reason) from None
         skipped: dict[str, int] = {}
@@ -125,7 +126,7 @@ class TorchReaderBase(Reader):
             offset = self._offsets[key] = self._storage_offset(storage)
         return offset
 
-    def _resolve_step(self, layout: torch_pickle.Layout) -> int | None:
+    def _resolve_step(self, layout: torch_layout.Layout) -> int | None:
         step = layout.step
         if isinstance(step, TensorRef):
             if not dtypes.is_supported(step.dtype):
@@ -150,8 +151,8 @@ class TorchReaderBase(Reader):
             return dtypes.decode(raw, ref.dtype, self.big_endian)
         parts = [self._gather(ref, base, a, min(stop, a + _GATHER_BLOCK))
                  for a in range(start, stop, _GATHER_BLOCK)]
-        raw = np.concatenate(parts) if len(parts) > 1 else parts[0]
-        return dtypes.decode(raw.tobytes(), ref.dtype, self.big_endian)
+        rows = np.concatenate(parts) if len(parts) > 1 else parts[0]
+        return dtypes.decode(rows.tobytes(), ref.dtype, self.big_endian)
 
     def _gather(self, ref: TensorRef, base: int, start: int, stop: int) -> np.ndarray:
         """Raw items (rows of bytes) of flat elements ``[start, stop)`` of a strided view,
@@ -209,7 +210,7 @@ class TorchZipReader(TorchReaderBase):
             raise self.error("zip archive has no <root>/data.pkl: not a torch checkpoint",
                              "unsupported")
         self._root = next(iter(self._entries)).split("/", 1)[0]
-        order = self._member("byteorder", required=False)
+        order = self._entries.get(f"{self._root}/byteorder")
         if order is not None:
             text = zipmember.read_member(f, order, 16)
             if text not in (b"little", b"big"):
@@ -223,16 +224,14 @@ class TorchZipReader(TorchReaderBase):
             raise self.error(f"data.pkl: {exc.cause}", exc.reason) from None
         self._setup(root)
 
-    def _member(self, name: str, required: bool = True) -> zipmember.ZipEntry | None:
+    def _member(self, name: str) -> zipmember.ZipEntry:
         entry = self._entries.get(f"{self._root}/{name}")
-        if entry is None and required:
+        if entry is None:
             raise self.error(f"torch archive has no {self._root}/{name} record")
         return entry
 
     def _storage_entry(self, storage: StorageRef) -> zipmember.ZipEntry:
-        entry = self._member(f"data/{storage.key}")
-        assert entry is not None
-        return entry
+        return self._member(f"data/{storage.key}")
 
     def _storage_offset(self, storage: StorageRef) -> int:
         assert self._file is not None
@@ -251,3 +250,15 @@ class TorchZipReader(TorchReaderBase):
             raise self.error(f"storage record data/{storage.key} has {entry.size} bytes, "
                              f"the pickle says {need}")
         return need
+
+
+TORCH_PATTERNS = ("*.pt", "*.pth", "*.ckpt", "*.bin")
+
+
+def _sniff(probe: Probe) -> bool:
+    return probe.is_zip and looks_like_members(probe.members()) is not None
+
+
+# TorchScript archives sniff as torch too; the reader refuses them with a clear reason
+FORMAT = Format("torch", zipmember.looks_like, _sniff, TorchZipReader, zipmember.incomplete,
+                TORCH_PATTERNS)

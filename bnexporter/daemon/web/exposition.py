@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import gzip
 import threading
+from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from .collector import exporter_families, model_families
-from .state import ModelView, Store
+from bnexporter.daemon.state import ModelView, Store
+from bnexporter.daemon.web.collector import exporter_families, model_families
 
 GZIP_LEVEL = 1  # level 9 (the client default) costs ~15x the time for ~20% less
 
@@ -54,7 +55,7 @@ class _Exporter(Collector):
     def describe(self) -> list[Metric]:
         return []
 
-    def collect(self):  # type: ignore[no-untyped-def]
+    def collect(self) -> Iterator[Metric]:
         yield from exporter_families(self.store.snapshot)
 
 

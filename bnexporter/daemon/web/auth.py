@@ -18,7 +18,7 @@ import hmac
 import os
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 CACHE_SIZE = 1024
 
@@ -77,7 +77,8 @@ def parse_basic(header: str | None) -> tuple[str, str] | None:
 class RateLimit:
     """Token bucket: ``burst`` requests at once, then one per ``interval`` seconds."""
 
-    def __init__(self, interval: float, burst: int, clock=time.monotonic):  # type: ignore[no-untyped-def]
+    def __init__(self, interval: float, burst: int,
+                 clock: Callable[[], float] = time.monotonic):
         self.interval, self.burst, self.clock = interval, burst, clock
         self._tokens = float(burst)
         self._at = clock()
