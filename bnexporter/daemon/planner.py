@@ -17,15 +17,16 @@ import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from ..report import CheckpointReport
-from .config import Config, ModelSpec
-from .files import Candidate, ignored_path, list_candidates, stat_candidate
-from .models import Target, targets, template_targets
-from .policy import (
+from bnexporter.daemon.config import Config, ModelSpec
+from bnexporter.daemon.files import Candidate, ignored_path, list_candidates, stat_candidate
+from bnexporter.daemon.models import Target, targets, template_targets
+from bnexporter.daemon.policy import (
     RETRYABLE,
+    Job,
     Key,
     Observation,
     Slot,
@@ -37,13 +38,60 @@ from .policy import (
     observe,
     settled,
 )
-from .state import ModelView, Store, frozen
-from .worker import Job
+from bnexporter.daemon.state import ModelView, Store, frozen
+from bnexporter.report import CheckpointReport
 
 log = logging.getLogger("bnexporter.planner")
 
 DEBOUNCE = 0.2  # seconds between an event and looking at the folder
 LOOK_BACK = 3   # newest units examined per look when the newest is not complete yet
+
+
+# -- the messages other threads post to the planner ----------------------------------
+
+@dataclass(frozen=True)
+class Event:
+    """A watcher saw something happen at ``path`` (absolute)."""
+
+    path: str
+    kind: str = "modified"
+    is_dir: bool = False
+
+
+@dataclass(frozen=True)
+class Done:
+    """A worker finished ``job``."""
+
+    job: Job
+    report: CheckpointReport
+
+
+@dataclass(frozen=True)
+class Rescan:
+    """Look at every model under ``root`` again (all models when None)."""
+
+    root: str | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class Reconfigure:
+    """Apply ``cfg``; ``applied`` is set once it is in force (or failed)."""
+
+    cfg: Config
+    applied: threading.Event
+
+
+@dataclass(frozen=True)
+class Pending:
+    """A worker took a job: publish the number of waiting jobs again."""
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Wake the loop so it sees the stop flag."""
+
+
+Message = Event | Done | Rescan | Reconfigure | Pending | Stop
 
 
 @dataclass
@@ -81,15 +129,16 @@ def _inside(path: str, folder: str) -> bool:
 
 
 class Planner:
-    def __init__(self, cfg: Config, store: Store, clock: Any = time.monotonic,
-                 wall: Any = time.time):
+    def __init__(self, cfg: Config, store: Store,
+                 clock: Callable[[], float] = time.monotonic,
+                 wall: Callable[[], float] = time.time):
         self.cfg = cfg
         self.store = store
         self.clock, self.wall = clock, wall
         self.stop_event = threading.Event()
-        self._inbox: queue.Queue[tuple[Any, ...]] = queue.Queue()
+        self._inbox: queue.Queue[Message] = queue.Queue()
         self._models: dict[str, ModelState] = {}
-        self._timers: list[tuple[float, int, str, Any]] = []
+        self._timers: list[tuple[float, int, str, Any]] = []  # (when, seq, kind, key)
         self._seq = itertools.count()
         self._ready: deque[tuple[str, ModelState]] = deque()
         self._ready_cv = threading.Condition()
@@ -104,18 +153,18 @@ class Planner:
 
     def notify(self, path: str, kind: str = "modified", is_dir: bool = False) -> None:
         """A watcher saw something happen at ``path``."""
-        self._inbox.put(("event", os.path.abspath(path), kind, is_dir))
+        self._inbox.put(Event(os.path.abspath(path), kind, is_dir))
 
     def rescan(self, root: str | None = None) -> None:
-        self._inbox.put(("rescan", root))
+        self._inbox.put(Rescan(root))
 
     def reconfigure(self, cfg: Config) -> threading.Event:
-        done = threading.Event()
-        self._inbox.put(("config", cfg, done))
-        return done
+        applied = threading.Event()
+        self._inbox.put(Reconfigure(cfg, applied))
+        return applied
 
     def done(self, job: Job, report: CheckpointReport) -> None:
-        self._inbox.put(("done", job, report))
+        self._inbox.put(Done(job, report))
 
     def take(self, timeout: float) -> Job | None:
         """A worker asks for the next job (FIFO over models)."""
@@ -130,12 +179,12 @@ class Planner:
                 m.slot.running = None
             else:
                 return None
-        self._inbox.put(("pending",))
+        self._inbox.put(Pending())
         return job
 
     def stop(self) -> None:
         self.stop_event.set()
-        self._inbox.put(("stop",))
+        self._inbox.put(Stop())
         with self._ready_cv:
             self._ready_cv.notify_all()
 
@@ -159,30 +208,32 @@ class Planner:
             now = self.clock()
             if now >= next_rescan:
                 next_rescan = now + self.cfg.rescan_interval
-                self._handle_safely(("rescan", None))
+                self._handle_safely(Rescan())
             self._run_timers()
 
-    def _handle_safely(self, msg: tuple[Any, ...]) -> None:
+    def _handle_safely(self, msg: Message) -> None:
         try:
             self._handle(msg)
         except Exception:  # one bad message must not stop all analysis
-            log.exception("internal error while handling %s", msg[0])
+            log.exception("internal error while handling %s", type(msg).__name__)
 
-    def _handle(self, msg: tuple[Any, ...]) -> None:
-        kind = msg[0]
-        if kind == "event":
-            self._on_event(msg[1], msg[2], msg[3])
-        elif kind == "done":
-            self._on_done(msg[1], msg[2])
-        elif kind == "rescan":
-            self._on_rescan(msg[1])
-        elif kind == "config":
-            try:
-                self._apply_config(msg[1])
-            finally:
-                msg[2].set()
-        elif kind == "pending":
-            self._publish_pending()
+    def _handle(self, msg: Message) -> None:
+        match msg:
+            case Event(path, kind, is_dir):
+                self._on_event(path, kind, is_dir)
+            case Done(job, report):
+                self._on_done(job, report)
+            case Rescan(root):
+                self._on_rescan(root)
+            case Reconfigure(cfg, applied):
+                try:
+                    self._apply_config(cfg)
+                finally:
+                    applied.set()
+            case Pending():
+                self._publish_pending()
+            case Stop():
+                pass
 
     def _run_timers(self) -> None:
         now = self.clock()

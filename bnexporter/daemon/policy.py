@@ -7,10 +7,13 @@ from __future__ import annotations
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
 
-from .config import Retry
-from .files import Candidate
+from bnexporter.daemon.config import Retry
+from bnexporter.daemon.files import Candidate
+
+if TYPE_CHECKING:
+    from bnexporter.scan import ScanOptions
 
 RETRYABLE = frozenset({"truncated", "incomplete", "io"})
 
@@ -106,6 +109,16 @@ def owned(name: str, shard: tuple[int, int]) -> bool:
 # -- coalescing ----------------------------------------------------------------
 
 J = TypeVar("J")
+
+
+@dataclass(frozen=True)
+class Job:
+    """One analysis the planner hands to a worker."""
+
+    model: str
+    generation: int   # of the model's configuration; results for an older one are dropped
+    cand: Candidate
+    opts: ScanOptions
 
 
 class Slot(Generic[J]):

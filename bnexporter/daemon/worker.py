@@ -25,28 +25,17 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from multiprocessing.connection import Connection
 
-from ..report import CheckpointReport, failed
-from ..scan import ScanOptions, analyse_path
-from . import complete
-from .files import Candidate
-from .progress import StallWatch, proc_dir
+from bnexporter.daemon.policy import Job
+from bnexporter.daemon.progress import StallWatch, proc_dir
+from bnexporter.formats.sniff import MODULES, incomplete
+from bnexporter.report import CheckpointReport, failed
+from bnexporter.scan import ScanOptions, analyse_path
 
 log = logging.getLogger("bnexporter.worker")
 
-_PRELOAD = ["bnexporter.daemon.worker", "bnexporter.formats.hdf5_keras",
-            "bnexporter.formats.safetensors", "bnexporter.formats.keras_zip",
-            "bnexporter.formats.npz", "bnexporter.formats.torch_zip",
-            "bnexporter.formats.tf_bundle"]
-
-
-@dataclass(frozen=True)
-class Job:
-    model: str
-    generation: int   # of the model's configuration; results for an older one are dropped
-    cand: Candidate
-    opts: ScanOptions
+_PRELOAD = ["bnexporter.daemon.worker", *MODULES]
 
 
 def test_delay() -> float:
@@ -63,7 +52,7 @@ def _analyse(path: str, opts: ScanOptions, delay: float) -> CheckpointReport:
     """Completeness check, then the analysis (the test delay sits between the two,
     widening the window in which a file can change after it was judged complete)."""
     try:
-        problem = complete.check(path)
+        problem = incomplete(path)
         if problem is not None:
             return failed(path, f"{path}: {problem[1]}", problem[0])
         if delay:
@@ -74,7 +63,7 @@ def _analyse(path: str, opts: ScanOptions, delay: float) -> CheckpointReport:
                       "internal")
 
 
-def _child_main(conn, path: str, opts: ScanOptions, delay: float) -> None:  # type: ignore[no-untyped-def]
+def _child_main(conn: Connection, path: str, opts: ScanOptions, delay: float) -> None:
     signal.pthread_sigmask(signal.SIG_SETMASK, set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's business
     conn.send(_analyse(path, opts, delay))
@@ -86,10 +75,10 @@ class _Stalled(Exception):
 
 
 _ctx_lock = threading.Lock()
-_ctx: mp.context.BaseContext | None = None
+_ctx: mp.context.ForkServerContext | None = None
 
 
-def _context() -> mp.context.BaseContext:
+def _context() -> mp.context.ForkServerContext:
     global _ctx
     with _ctx_lock:
         if _ctx is None:
