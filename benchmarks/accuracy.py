@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bnexporter.analysis import Thresholds
+from bnexporter.detection.analysis import Thresholds
 from bnexporter.scan import ScanOptions, analyse_path
 
 RELU = ("relu", "relu6")

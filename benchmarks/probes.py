@@ -79,7 +79,7 @@ def _summary(report: Any) -> dict[str, Any]:
 def bnexporter_scan(path: str, bn_only: bool, refine: bool = True) -> dict[str, Any]:
     from dataclasses import replace
 
-    from bnexporter.analysis import Thresholds
+    from bnexporter.detection.analysis import Thresholds
     from bnexporter.scan import ScanOptions, analyse_path
 
     opts = ScanOptions(bn_only=bn_only, thresholds=replace(Thresholds(), refine=refine))

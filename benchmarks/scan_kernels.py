@@ -5,7 +5,7 @@
 Why: bench_scan.py shows the full scan far from a raw read; this isolates the
 parts (reading a chunk, the anomaly counts, the filter norms) and times
 candidate replacements on the same float32 data, so a change to
-``bnexporter.analysis.TensorScan`` can be judged before it is made. Each
+``bnexporter.detection.analysis.TensorScan`` can be judged before it is made. Each
 candidate is checked against the current code's counts.
 """
 
@@ -23,14 +23,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bnexporter.analysis import TensorScan, Thresholds, extreme_limits
+from bnexporter.detection.analysis import TensorScan, Thresholds, extreme_limits
 
 INF_BITS = 0x7F800000
 
 
 def current(chunks: list[np.ndarray], out_axis: int | None, shape: tuple[int, ...]
             ) -> tuple[int, int, int, int, float]:
-    """``bnexporter.analysis.TensorScan`` as it is."""
+    """``bnexporter.detection.analysis.TensorScan`` as it is."""
     scan = TensorScan(shape, "float32", Thresholds(), out_axis)
     start = 0
     for c in chunks:

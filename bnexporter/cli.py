@@ -6,8 +6,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from . import __version__, scan_cli
-from .daemon import commands
+from bnexporter import __version__, scan_cli
+from bnexporter.daemon import commands
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -6,7 +6,24 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+# The one list of channel classes. It drives the report fields (each a list of
+# channel indices per layer and a count in the summary), the metrics, the text
+# output and the docs: adding a class is one row here and one rule in detection.
+CHANNEL_CLASSES: tuple[tuple[str, str], ...] = (
+    ("dead", "channels (almost) never positive after BN, for BNs that feed a ReLU / ReLU6"),
+    ("near_dead", "channels positive only rarely after BN, for BNs that feed a ReLU / ReLU6"),
+    ("would_be_dead", "channels that would be dead if a ReLU followed; the BN's consumer is "
+     "not known to be one, so they are not counted as dead"),
+    ("collapsed_gamma", "channels whose |gamma| collapsed to ~0"),
+    ("dead_input", "channels whose input never varies (running var ~0)"),
+    ("constant", "channels whose output does not depend on the input"),
+    ("saturated", "ReLU6 channels always at the upper limit"),
+)
+CLASS_NAMES = tuple(name for name, _ in CHANNEL_CLASSES)
+# consumers whose zero region makes a channel dead
+RELU_LIKE = ("relu", "relu6")
 
 
 @dataclass(frozen=True)
@@ -17,13 +34,21 @@ class LayerReport:
     eps_source: str
     consumer: str
     consumer_source: str
-    dead: list[int]
-    near_dead: list[int]
-    collapsed_gamma: list[int]
-    dead_input: list[int]
-    constant: list[int]
-    saturated: list[int]
+    classes: dict[str, list[int]] = field(default_factory=dict)
     min_p_active: float | None = None
+    producer: str | None = None
+    producer_source: str = "none"
+    never_updated: bool = False
+
+    def __getattr__(self, name: str) -> list[int]:
+        # ``layer.dead`` etc.: the channel classes read as attributes
+        if name in CLASS_NAMES:
+            return self.__dict__.get("classes", {}).get(name, [])
+        raise AttributeError(name)
+
+    @property
+    def relu_fed(self) -> bool:
+        return self.consumer in RELU_LIKE
 
     @property
     def dead_ratio(self) -> float:
@@ -45,6 +70,9 @@ class TensorReport:
     zero: int
     max_abs: float
     dead_filters: list[int] | None = None
+    role: str = "other"            # kernel, bias, gamma, beta, running_mean, running_var, ...
+    anomaly: str | None = None     # what is wrong with it, by the role-aware rule (extremes)
+    anomaly_detail: str | None = None
 
     @property
     def size(self) -> int:
@@ -58,37 +86,46 @@ class TensorReport:
 class Summary:
     bn_layers: int = 0
     channels: int = 0
-    dead: int = 0
-    near_dead: int = 0
-    collapsed_gamma: int = 0
-    dead_input: int = 0
-    constant: int = 0
-    saturated: int = 0
+    # channels of BNs whose consumer is ReLU-like (known or inferred): the denominator
+    # of dead_ratio / near_dead_ratio
+    relu_channels: int = 0
+    counts: dict[str, int] = field(default_factory=dict)  # per channel class
     dead_ratio: float = 0.0
     near_dead_ratio: float = 0.0
     nonfinite: int = 0
-    extreme_tensors: int = 0
+    anomalous_tensors: int = 0  # the role-aware rule: what alerts use
+    extreme_tensors: int = 0    # the seed's raw rule (any |w| > T or 0 < |w| < 1/T)
     dead_filters: int = 0
     tensors: int = 0
     unknown_consumers: int = 0
+    consumer_coverage: float = 0.0  # share of BN layers whose consumer is known or inferred
+    never_updated_layers: int = 0
+
+    def __getattr__(self, name: str) -> int:
+        if name in CLASS_NAMES:
+            return self.__dict__.get("counts", {}).get(name, 0)
+        raise AttributeError(name)
 
     @classmethod
     def build(cls, layers: list[LayerReport], tensors: list[TensorReport],
               nonfinite: int) -> Summary:
         channels = sum(layer.channels for layer in layers)
-        count = lambda attr: sum(len(getattr(layer, attr)) for layer in layers)  # noqa: E731
-        dead, near = count("dead"), count("near_dead")
+        relu = sum(layer.channels for layer in layers if layer.relu_fed)
+        counts = {c: sum(len(layer.classes.get(c, ())) for layer in layers)
+                  for c in CLASS_NAMES}
+        unknown = sum(1 for layer in layers if layer.consumer == "unknown")
         return cls(
-            bn_layers=len(layers), channels=channels, dead=dead, near_dead=near,
-            collapsed_gamma=count("collapsed_gamma"), dead_input=count("dead_input"),
-            constant=count("constant"), saturated=count("saturated"),
-            dead_ratio=dead / channels if channels else 0.0,
-            near_dead_ratio=near / channels if channels else 0.0,
+            bn_layers=len(layers), channels=channels, relu_channels=relu, counts=counts,
+            dead_ratio=counts["dead"] / relu if relu else 0.0,
+            near_dead_ratio=counts["near_dead"] / relu if relu else 0.0,
             nonfinite=nonfinite,
+            anomalous_tensors=sum(1 for t in tensors if t.anomaly is not None),
             extreme_tensors=sum(1 for t in tensors if t.nonfinite or t.huge or t.tiny),
             dead_filters=sum(len(t.dead_filters or ()) for t in tensors),
             tensors=len(tensors),
-            unknown_consumers=sum(1 for layer in layers if layer.consumer == "unknown"),
+            unknown_consumers=unknown,
+            consumer_coverage=(len(layers) - unknown) / len(layers) if layers else 0.0,
+            never_updated_layers=sum(1 for layer in layers if layer.never_updated),
         )
 
 
@@ -113,9 +150,16 @@ class CheckpointReport:
         return self.error is None
 
     def to_json(self) -> dict[str, Any]:
+        """The documented schema: channel classes flattened into each layer and the summary."""
         doc = asdict(self)
-        doc["error_reason"] = self.error_reason
+        doc["schema_version"] = SCHEMA_VERSION
+        counts = doc["summary"].pop("counts")
+        doc["summary"].update({c: counts.get(c, 0) for c in CLASS_NAMES})
+        if self.error is not None:
+            doc["summary"] = None  # a file that could not be read has no numbers
         for layer, out in zip(self.bn_layers, doc["bn_layers"], strict=False):
+            classes = out.pop("classes")
+            out.update({c: classes.get(c, []) for c in CLASS_NAMES})
             out["dead_ratio"] = layer.dead_ratio
         return doc
 

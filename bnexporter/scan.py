@@ -10,18 +10,24 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .analysis import TensorScan, Thresholds, classify_channels
-from .consumers import ConsumerRules
-from .discovery import BNLayer, discover
-from .errors import CheckpointError, printable
-from .formats import dtypes
-from .formats.base import DEFAULT_CHUNK_ELEMENTS, Reader, TensorInfo
-from .formats.detect import open_reader
-from .links import refine_layers
-from .refine import Refined
-from .refine import apply as apply_refined
-from .report import CheckpointReport, LayerReport, Summary, TensorReport, failed
-from .steps import step_from_name
+from bnexporter.detection.analysis import TensorScan, Thresholds, classify_channels
+from bnexporter.detection.discovery import BNLayer, discover
+from bnexporter.detection.links import Link, find_links
+from bnexporter.detection.refine import (
+    BNParams,
+    KernelStats,
+    Refined,
+    kernel_matrix,
+    refine_network,
+)
+from bnexporter.detection.refine import apply as apply_refined
+from bnexporter.errors import CheckpointError, printable
+from bnexporter.formats import dtypes
+from bnexporter.formats.base import DEFAULT_CHUNK_ELEMENTS, Reader, TensorInfo
+from bnexporter.formats.sniff import open_reader
+from bnexporter.report import CheckpointReport, LayerReport, Summary, TensorReport, failed
+from bnexporter.steps import step_from_name
+from bnexporter.topology.consumers import ConsumerRules
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
 
@@ -105,18 +111,19 @@ def _refine(reader: Reader, layers: list[BNLayer], th: Thresholds) -> dict[str, 
 
 def _analyse_layer(reader: Reader, layer: BNLayer, th: Thresholds,
                    refined: Refined | None = None) -> LayerReport:
-    read = lambda name: None if name is None else reader.read(name)  # noqa: E731
-    res = classify_channels(read(layer.gamma), read(layer.beta), read(layer.mean),
-                            read(layer.var), layer.eps, layer.consumer, th)
+    def read(name: str | None) -> np.ndarray | None:
+        return None if name is None else reader.read(name)
+
+    res = classify_channels(read(layer.gamma), read(layer.beta), reader.read(layer.mean),
+                            reader.read(layer.var), layer.eps, layer.consumer, th)
     if refined is not None and refined.p_active.shape == res.p_active.shape:
         res = apply_refined(res, refined, layer.consumer, th)
     finite = res.p_active[np.isfinite(res.p_active)]
     return LayerReport(
         name=layer.name, channels=layer.channels, eps=layer.eps, eps_source=layer.eps_source,
-        consumer=layer.consumer, consumer_source=layer.consumer_source, dead=res.dead,
-        near_dead=res.near_dead, collapsed_gamma=res.collapsed_gamma,
-        dead_input=res.dead_input, constant=res.constant, saturated=res.saturated,
-        min_p_active=float(finite.min()) if finite.size else None)
+        consumer=layer.consumer, consumer_source=layer.consumer_source, classes=res.classes(),
+        min_p_active=float(finite.min()) if finite.size else None,
+        producer=layer.producer, producer_source=layer.producer_source)
 
 
 def _out_axis(reader: Reader, info: TensorInfo) -> int | None:
@@ -143,3 +150,43 @@ def _scan_tensor(reader: Reader, info: TensorInfo, th: Thresholds, chunk: int) -
                             st.zero, st.max_abs, None)
     return TensorReport(info.name, list(info.shape), info.dtype, st.nonfinite, st.huge,
                         st.tiny, st.zero, st.max_abs, st.dead_filters)
+
+
+def refine_layers(reader: Reader, layers: list[BNLayer],
+                  kernel_max: int = 1 << 22) -> dict[str, Refined]:
+    """Read what the refinement needs (BN vectors, producer kernels) and run it.
+
+    Kernels larger than ``kernel_max`` elements are not read: their layers keep
+    the plain estimate, so a BN-only scan of a huge model stays cheap.
+    """
+    links = find_links(reader, layers)
+    if not links:
+        return {}
+    def read(name: str | None) -> np.ndarray | None:
+        return None if name is None else reader.read(name)
+
+    params = {layer.name: BNParams.of(read(layer.gamma), read(layer.beta),
+                                      reader.read(layer.mean), reader.read(layer.var), layer.eps)
+              for layer in layers}
+    producers: dict[str, _LazyProducer] = {}
+    for name, link in links.items():
+        if link.feed is None or link.groups <= 0:
+            continue
+        if reader.info(link.kernel).size > kernel_max:
+            continue
+        bias = None if link.bias is None else np.asarray(reader.read(link.bias), np.float64)
+        producers[name] = _LazyProducer(reader, link, bias)
+    return refine_network(params, producers)
+
+
+class _LazyProducer:
+    """A producer whose kernel is read and reduced only when its layer is refined,
+    and not kept: memory stays bounded by the largest kernel, not the model."""
+
+    def __init__(self, reader: Reader, link: Link, bias: np.ndarray | None):
+        self.link, self.bias, self._reader = link, bias, reader
+
+    @property
+    def kernel(self) -> KernelStats:
+        w = kernel_matrix(self._reader.read_array(self.link.kernel), self.link.layout)
+        return KernelStats.of(w)

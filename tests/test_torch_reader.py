@@ -20,6 +20,7 @@ import pytest
 
 from bnexporter.errors import CheckpointError
 from bnexporter.formats import torch_legacy, torch_pickle, zipmember
+from bnexporter.formats.sniff import incomplete
 from bnexporter.formats.torch_legacy import TorchLegacyReader
 from bnexporter.formats.torch_zip import TorchZipReader, looks_like_members
 
@@ -406,9 +407,9 @@ def test_locate_members_agrees_with_zipfile(tmp_path):
             else:
                 inflated = zlib.decompress(raw[m.data_offset:m.data_offset + m.size], -15)
                 assert inflated == zf.read(info)
-    assert zipmember.is_complete(str(path))
+    assert incomplete(str(path)) is None
     path.write_bytes(raw[:-5])
-    assert not zipmember.is_complete(str(path))
+    assert incomplete(str(path))[0] == "truncated"
 
 
 def test_zip_bomb_overlap_and_duplicates_are_refused(tmp_path):

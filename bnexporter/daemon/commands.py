@@ -5,16 +5,28 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import shutil
 import signal
+import socket
 import sys
+import tempfile
+import threading
 import time
 from typing import Any
 
 import yaml
 
-from .config import DEFAULT_LISTEN, LOG_LEVELS, WATCH_MODES
-from .logsafe import SafeFormatter
-from .validate import ConfigError, Overrides, load_config
+from bnexporter.daemon.config import DEFAULT_LISTEN, LOG_LEVELS, WATCH_MODES
+from bnexporter.daemon.demo import Trainer
+from bnexporter.daemon.logsafe import SafeFormatter
+from bnexporter.daemon.validate import (
+    ConfigError,
+    Overrides,
+    build_config,
+    load_config,
+    parse_listen,
+)
 
 EXIT_OK, EXIT_CONFIG = 0, 2
 _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -65,8 +77,6 @@ def dispatch(args: argparse.Namespace) -> int:
     if args.command == "check-config":
         return check_config(args.file)
     if args.command == "demo":
-        from .demo import run_demo
-
         return run_demo(args)
     raise SystemExit(f"bnexporter: unknown command {args.command!r}")
 
@@ -101,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
 def serve(cfg: Any, config_path: str | None, overrides: Overrides | None,
           ready: Any = None) -> int:
     """Run a daemon in this process until SIGTERM/SIGINT; ``ready(daemon)`` after start."""
-    from .daemon import Daemon
+    from bnexporter.daemon.daemon import Daemon
 
     waiter = SignalWaiter()  # before any thread exists, so all inherit the mask
     try:
@@ -166,13 +176,13 @@ def check_config(path: str) -> int:
     try:
         cfg = load_config(path)
         if cfg.web_config_file is not None:
-            from .security import build
+            from bnexporter.daemon.web.security import build
 
             build(cfg.web_config_file)  # certificates load, hashes parse, bcrypt present
     except ConfigError as exc:
         print(f"bnexporter: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    from .models import targets
+    from bnexporter.daemon.models import targets
 
     found = targets(cfg)
     print(f"# {path}: valid. Effective configuration (defaults filled in):")
@@ -180,3 +190,52 @@ def check_config(path: str) -> int:
     names = ", ".join(sorted(found)) or "none yet"
     print(f"# models this replica (shard {cfg.shard[0]}/{cfg.shard[1]}) watches now: {names}")
     return EXIT_OK
+
+
+def _port_free(host: str, port: int) -> bool:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    listen = args.listen or DEFAULT_LISTEN
+    host, port = parse_listen(listen)
+    if args.listen is None and not _port_free(host, port):
+        listen = f"{host}:0"  # the default port is taken: any free one will do for a demo
+    keep = args.dir is not None
+    root = os.path.abspath(args.dir) if keep else tempfile.mkdtemp(prefix="bnexporter-demo-")
+    folder = os.path.join(root, "demo-run")
+    os.makedirs(folder, exist_ok=True)
+    try:
+        cfg = build_config({"listen": listen, "settle_seconds": 0.5, "poll_interval": 1.0,
+                            "models": [{"name": "demo-run", "path": folder}]},
+                           "demo", root)
+    except ConfigError as exc:
+        print(f"bnexporter: {exc}", file=sys.stderr)
+        return 2
+    setup_logging("info")
+    trainer = Trainer(folder, args.interval)
+
+    def ready(daemon: Any) -> None:
+        trainer.start()
+        print(f"\nbnexporter demo: a synthetic run writes a checkpoint every {args.interval:g}"
+              f" s into {folder}\n  open {daemon.url}  (metrics: {daemon.url}metrics)\n"
+              "  Ctrl-C stops it.\n", flush=True)
+        if args.duration > 0:
+            timer = threading.Timer(args.duration, os.kill, (os.getpid(), signal.SIGTERM))
+            timer.daemon = True
+            timer.start()
+
+    try:
+        return serve(cfg, None, None, ready=ready)
+    finally:
+        trainer.stop.set()
+        if not keep:
+            shutil.rmtree(root, ignore_errors=True)
+        logging.getLogger("bnexporter").info("demo finished")

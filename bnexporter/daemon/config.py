@@ -10,9 +10,12 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..analysis import Thresholds
-from ..consumers import ConsumerRules
-from ..scan import ScanOptions
+import yaml
+
+from bnexporter.detection.analysis import Thresholds
+from bnexporter.formats.sniff import default_patterns
+from bnexporter.scan import ScanOptions
+from bnexporter.topology.consumers import ConsumerRules
 
 # 9100-9999 is fully allocated on the Prometheus wiki's port list; see docs/daemon.md.
 DEFAULT_PORT = 10842
@@ -22,8 +25,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 ISOLATIONS = ("process", "thread")
 PLACEHOLDER = "{model}"
 # every format the readers understand; TF bundles are found through their .index
-DEFAULT_PATTERNS = ("*.h5", "*.hdf5", "*.keras", "*.pt", "*.pth", "*.ckpt", "*.bin",
-                    "*.safetensors", "*.npz", "*.index")
+DEFAULT_PATTERNS = default_patterns()
 
 
 @dataclass(frozen=True)
@@ -142,3 +144,27 @@ def analysis_dict(a: Analysis) -> dict[str, Any]:
                       "presets": list(a.presets)},
         "metrics": asdict(a.metrics),
     }
+
+
+class ConfigError(Exception):
+    """A configuration problem; ``str()`` is the one line to show the user."""
+
+
+def read_yaml(path: str) -> Any:
+    """Parse a config file; syntax errors become ``file:line:col: ...`` one-liners."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
+        problem = " ".join(str(exc.problem or exc.context or "syntax error").split())
+        raise ConfigError(f"{where}: invalid YAML: {problem}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {' '.join(str(exc).split())}") from None

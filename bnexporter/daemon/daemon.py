@@ -9,16 +9,16 @@ import time
 
 from prometheus_client import CollectorRegistry
 
-from .collector import SnapshotCollector
-from .config import Config
-from .models import watch_roots
-from .planner import Planner
-from .security import WebSecurity
-from .state import Store
-from .validate import ConfigError, Overrides, load_config, parse_listen
-from .watch import Watchers
-from .web import App, HTTPServer
-from .worker import Runner, WorkerPool
+from bnexporter.daemon.config import Config
+from bnexporter.daemon.models import watch_roots
+from bnexporter.daemon.planner import Planner
+from bnexporter.daemon.state import Store
+from bnexporter.daemon.validate import ConfigError, Overrides, load_config, parse_listen
+from bnexporter.daemon.watch import Watchers
+from bnexporter.daemon.web.app import App, HTTPServer
+from bnexporter.daemon.web.collector import SnapshotCollector
+from bnexporter.daemon.web.security import WebSecurity
+from bnexporter.daemon.worker import Runner, WorkerPool
 
 log = logging.getLogger("bnexporter")
 

@@ -10,17 +10,10 @@ Tests reuse ``write_checkpoint`` / ``checkpoint_bytes`` to make real files.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
-import logging
 import os
-import shutil
-import signal
-import socket
-import sys
-import tempfile
 import threading
 from typing import Any
 
@@ -154,56 +147,3 @@ class Trainer:
                     os.unlink(written.pop(0))
             if self.stop.wait(self.interval):
                 return
-
-
-def _port_free(host: str, port: int) -> bool:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
-def run_demo(args: argparse.Namespace) -> int:
-    from .commands import serve, setup_logging
-    from .config import DEFAULT_LISTEN
-    from .validate import ConfigError, build_config, parse_listen
-
-    listen = args.listen or DEFAULT_LISTEN
-    host, port = parse_listen(listen)
-    if args.listen is None and not _port_free(host, port):
-        listen = f"{host}:0"  # the default port is taken: any free one will do for a demo
-    keep = args.dir is not None
-    root = os.path.abspath(args.dir) if keep else tempfile.mkdtemp(prefix="bnexporter-demo-")
-    folder = os.path.join(root, "demo-run")
-    os.makedirs(folder, exist_ok=True)
-    try:
-        cfg = build_config({"listen": listen, "settle_seconds": 0.5, "poll_interval": 1.0,
-                            "models": [{"name": "demo-run", "path": folder}]},
-                           "demo", root)
-    except ConfigError as exc:
-        print(f"bnexporter: {exc}", file=sys.stderr)
-        return 2
-    setup_logging("info")
-    trainer = Trainer(folder, args.interval)
-
-    def ready(daemon: Any) -> None:
-        trainer.start()
-        print(f"\nbnexporter demo: a synthetic run writes a checkpoint every {args.interval:g}"
-              f" s into {folder}\n  open {daemon.url}  (metrics: {daemon.url}metrics)\n"
-              "  Ctrl-C stops it.\n", flush=True)
-        if args.duration > 0:
-            timer = threading.Timer(args.duration, os.kill, (os.getpid(), signal.SIGTERM))
-            timer.daemon = True
-            timer.start()
-
-    try:
-        return serve(cfg, None, None, ready=ready)
-    finally:
-        trainer.stop.set()
-        if not keep:
-            shutil.rmtree(root, ignore_errors=True)
-        logging.getLogger("bnexporter").info("demo finished")

@@ -21,7 +21,7 @@ import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from ..steps import step_from_name
+from bnexporter.steps import step_from_name
 
 MAX_DEPTH = 3  # model folder + 2 levels (HF "checkpoint-500/", Lightning "checkpoints/")
 _DATA_SHARD = re.compile(r"\.data-\d+-of-\d+$")
@@ -58,7 +58,7 @@ def ignored_path(path: str, folder: str) -> bool:
 
 def _newest_tf_prefix(folder: str) -> str | None:
     try:  # optional: TF bundles are supported only when their reader is present
-        from ..formats.tf_bundle import newest_prefix
+        from bnexporter.formats.tf_bundle import newest_prefix
     except ImportError:
         return None
     return newest_prefix(folder)

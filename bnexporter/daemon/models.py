@@ -12,9 +12,9 @@ import logging
 import os
 from dataclasses import dataclass
 
-from .config import Analysis, Config, ModelSpec
-from .files import ignored_dir
-from .policy import owned
+from bnexporter.daemon.config import Analysis, Config, ModelSpec
+from bnexporter.daemon.files import ignored_dir
+from bnexporter.daemon.policy import owned
 
 log = logging.getLogger("bnexporter.models")
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
 
-from ..report import CheckpointReport
-from .config import MetricOptions
+from bnexporter.daemon.config import MetricOptions
+from bnexporter.report import CheckpointReport
 
 OUTCOMES = ("success", "error", "retry")
 REASONS = ("truncated", "corrupt", "unsupported", "forbidden", "incomplete", "io",

@@ -34,8 +34,8 @@ from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
-from .mounts import choose_mode
-from .state import Store, WatcherView
+from bnexporter.daemon.mounts import choose_mode
+from bnexporter.daemon.state import Store, WatcherView
 
 log = logging.getLogger("bnexporter.watch")
 

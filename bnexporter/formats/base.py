@@ -1,9 +1,4 @@
-"""The reader interface every checkpoint format implements.
-
-A reader lists tensors (name, shape, dtype) without touching their data and
-reads any flat element range of one tensor on demand, so analysing the four
-small vectors of a BatchNorm layer never reads the rest of a large file.
-"""
+"""The reader interface every checkpoint format implements, and safe file I/O."""
 
 from __future__ import annotations
 
@@ -18,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import CheckpointError
-from . import dtypes
+from bnexporter.errors import CheckpointError
+from bnexporter.formats import dtypes
 
 # Elements per chunk when a tensor is scanned in full: 4 Mi elements keeps a
 # float32 chunk plus its temporaries well under 100 MB whatever the tensor size.
@@ -55,6 +50,8 @@ class CheckpointMeta:
     # tensor names that are not model weights (optimizer slots, ...): scanned
     # for non-finite values but never grouped into BN layers
     auxiliary: frozenset[str] = frozenset()
+    # Keras >= 3.6: tensor path prefix ("layers/conv2d_3") -> layer name, from the file
+    layer_names: dict[str, str] = field(default_factory=dict)
 
 
 class Reader(ABC):

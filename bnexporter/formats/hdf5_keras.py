@@ -15,14 +15,15 @@ import os
 import signal
 import threading
 import time
-from typing import Any
+from typing import Any, BinaryIO
 
 import h5py
 import numpy as np
 
-from ..errors import CheckpointError
-from . import dtypes
-from .base import RangeFile, Reader, TensorInfo
+from bnexporter.errors import CheckpointError
+from bnexporter.formats import dtypes
+from bnexporter.formats.base import RangeFile, Reader, TensorInfo
+from bnexporter.formats.spec import Format, Incomplete
 
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 
@@ -39,10 +40,6 @@ _H5_DTYPES = {
     "i2": "int16", "i1": "int8", "u8": "uint64", "u4": "uint32", "u2": "uint16", "u1": "uint8",
     "b1": "bool",
 }
-
-
-def looks_like(head: bytes) -> bool:
-    return head[:8] == HDF5_MAGIC
 
 
 def _text(value: Any) -> str:
@@ -178,8 +175,6 @@ class KerasH5Reader(Reader):
                 self._range = RangeFile(self.path, base_offset, member_size)
             self._file_size = member_size if member_size is not None else \
                 self._h5.id.get_filesize()
-            # Keras >= 3.6: the ``name`` attribute of each ``<path>/vars`` group
-            self.k3_layer_names: dict[str, str] = {}
             try:
                 self._open()
             except _H5_ERRORS as exc:
@@ -270,7 +265,7 @@ class KerasH5Reader(Reader):
                             self._add(f"{path}/{idx}", ds.id, ds.name)
                     label = _text(item.attrs.get("name", ""))
                     if label:
-                        self.k3_layer_names[prefix.rstrip("/")] = label
+                        self.meta.layer_names[prefix.rstrip("/")] = label
                 else:
                     self._walk_k3(item, path + "/")
             elif isinstance(item, h5py.Dataset):
@@ -443,3 +438,40 @@ class KerasH5Reader(Reader):
             with contextlib.suppress(Exception):
                 h5.close()
 
+
+def _superblock(head: bytes) -> int | None:
+    return next((o for o in (0, 512, 1024) if head[o:o + 8] == HDF5_MAGIC), None)
+
+
+def incomplete(path: str, fh: BinaryIO, head: bytes, size: int) -> Incomplete:
+    """The superblock records the end-of-file address; a shorter file is unfinished.
+
+    A writer still holding the file (HDF5 >= 1.10 locking) is caught by the
+    analysis itself, which reports it as retryable.
+    """
+    base = _superblock(head)
+    if base is None:
+        return None
+    version = head[base + 8]
+    if version in (0, 1):
+        width = head[base + 13]
+        at = base + 24 + (4 if version == 1 else 0) + 2 * width
+    elif version in (2, 3):
+        width = head[base + 9]
+        at = base + 12 + 2 * width
+    else:
+        return None
+    if width not in (2, 4, 8) or at + width > len(head):
+        return None
+    eof = int.from_bytes(head[at:at + width], "little")
+    if eof != (1 << (8 * width)) - 1 and base + eof > size:
+        return "truncated", f"HDF5 file is {size} bytes, its superblock says {base + eof}"
+    return None
+
+
+def _looks_like(head: bytes) -> bool:
+    return _superblock(head) is not None
+
+
+FORMAT = Format("keras-h5", _looks_like, lambda p: _looks_like(p.head), KerasH5Reader,
+                incomplete, ("*.h5", "*.hdf5"))

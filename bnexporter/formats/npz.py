@@ -9,8 +9,9 @@ import zlib
 
 import numpy as np
 
-from . import dtypes
-from .base import Reader, TensorInfo
+from bnexporter.formats import dtypes, zipmember
+from bnexporter.formats.base import Reader, TensorInfo
+from bnexporter.formats.spec import Format, Probe
 
 _MAX_MEMBERS = 1_000_000
 _VERSIONS = {(1, 0), (2, 0), (3, 0)}
@@ -103,3 +104,10 @@ class NpzReader(Reader):
 
     def close(self) -> None:
         self._zip.close()
+
+
+def _sniff(probe: Probe) -> bool:
+    return probe.is_zip and any(n.endswith(".npy") for n in probe.members())
+
+
+FORMAT = Format("npz", zipmember.looks_like, _sniff, NpzReader, zipmember.incomplete, ("*.npz",))

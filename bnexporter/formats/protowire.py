@@ -9,7 +9,7 @@ is checked against the buffer, so hostile or torn bytes end in a
 
 from __future__ import annotations
 
-from ..errors import CheckpointError
+from bnexporter.errors import CheckpointError
 
 VARINT, FIXED64, LEN, FIXED32 = 0, 1, 2, 5
 

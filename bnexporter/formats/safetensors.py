@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 import math
 import struct
+from typing import BinaryIO
 
-from . import dtypes
-from .base import OffsetReader, RangeFile, TensorInfo
+from bnexporter.formats import dtypes
+from bnexporter.formats.base import OffsetReader, RangeFile, TensorInfo
+from bnexporter.formats.spec import Format, Incomplete
 
 MAX_HEADER = 100_000_000
 
@@ -108,3 +110,24 @@ class SafetensorsReader(OffsetReader):
             self.meta.step = int(step)
         self.meta.framework = "torch" if any(k.endswith("running_var") for k in self._infos) \
             else "generic"
+
+
+def incomplete(path: str, fh: BinaryIO, head: bytes, size: int) -> Incomplete:
+    """8 + header length + the largest data offset must equal the file size."""
+    (n,) = struct.unpack("<Q", head[:8])
+    if 8 + n > size:
+        return "truncated", f"safetensors header ({n} bytes) extends past the end of the file"
+    fh.seek(8)
+    try:
+        header = json.loads(fh.read(n))
+        end = max((int(v["data_offsets"][1]) for k, v in header.items()
+                   if k != "__metadata__"), default=0)
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+        return None  # not our business: the reader reports a corrupt header precisely
+    if 8 + n + end > size:
+        return "truncated", f"safetensors data ends at {8 + n + end} bytes, file has {size}"
+    return None
+
+
+FORMAT = Format("safetensors", looks_like, lambda p: looks_like(p.head), SafetensorsReader,
+                incomplete, ("*.safetensors",))

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import struct
 
-from ..errors import CheckpointError
-from .protowire import read_varint
+from bnexporter.errors import CheckpointError
+from bnexporter.formats.protowire import read_varint
 
 MAGIC = 0xDB4775248B80FB57
 MAGIC_BYTES = struct.pack("<Q", MAGIC)

@@ -14,10 +14,11 @@ from __future__ import annotations
 import io
 import struct
 
-from . import torch_pickle
-from .base import RangeFile
-from .torch_pickle import Refused, StorageRef
-from .torch_zip import TorchReaderBase
+from bnexporter.formats import torch_pickle
+from bnexporter.formats.base import RangeFile
+from bnexporter.formats.spec import Format
+from bnexporter.formats.torch_pickle import Refused, StorageRef
+from bnexporter.formats.torch_zip import TORCH_PATTERNS, TorchReaderBase
 
 MAGIC = 0x1950A86A20F9469CFC6C
 PROTOCOL_VERSION = 1001
@@ -154,3 +155,7 @@ class TorchLegacyReader(TorchReaderBase):
         if storage.view is not None:
             offset += storage.view[0] * (storage.itemsize or 1)
         return offset
+
+
+FORMAT = Format("torch-legacy", looks_like, lambda p: looks_like(p.head), TorchLegacyReader,
+                None, TORCH_PATTERNS)

@@ -14,10 +14,10 @@ from __future__ import annotations
 import struct
 import zlib
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import BinaryIO, NamedTuple
 
-from ..errors import CheckpointError
-from .base import RangeFile
+from bnexporter.errors import CheckpointError
+from bnexporter.formats.base import RangeFile
 
 STORED = 0
 DEFLATED = 8
@@ -236,16 +236,26 @@ def locate_members(source: str | RangeFile) -> dict[str, Member]:
             f.close()
 
 
-def is_complete(path: str) -> bool:
-    """True when the archive's directory is present and consistent (for the watcher)."""
-    try:
-        f = RangeFile(path)
-    except CheckpointError:
-        return False
-    try:
-        read_directory(f)
-        return True
-    except CheckpointError:
-        return False
-    finally:
-        f.close()
+
+
+_EOCD_SIG = b"PK\x05\x06"
+_MAX_COMMENT = 0xFFFF
+
+
+def incomplete(path: str, fh: BinaryIO, head: bytes, size: int) -> tuple[str, str] | None:
+    """The end-of-central-directory record is written last, at the very end."""
+    tail_len = min(size, 22 + _MAX_COMMENT)
+    fh.seek(size - tail_len)
+    tail = fh.read(tail_len)
+    pos = tail.rfind(_EOCD_SIG)
+    while pos >= 0:
+        if pos + 22 <= len(tail):
+            (comment,) = struct.unpack("<H", tail[pos + 20:pos + 22])
+            if pos + 22 + comment == len(tail):
+                return None
+        pos = tail.rfind(_EOCD_SIG, 0, pos)
+    return "truncated", "zip archive has no end-of-central-directory record yet"
+
+
+def looks_like(head: bytes) -> bool:
+    return head[:4] == b"PK\x03\x04"

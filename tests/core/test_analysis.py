@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from bnexporter.analysis import (
+from bnexporter.detection.analysis import (
     TensorScan,
     Thresholds,
     classify_channels,

@@ -98,7 +98,7 @@ def test_scan_cli_reports_bad_files_and_goes_on(bad_files):
     assert proc.returncode == 2
     doc = json.loads(proc.stdout)
     by_path = {c["path"]: c for c in doc["checkpoints"]}
-    assert by_path[good]["error"] is None and by_path[good]["summary"]["dead"] == 4
+    assert by_path[good]["error"] is None and by_path[good]["summary"]["would_be_dead"] == 4
     err_lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(err_lines) == len(paths)
     for path in paths.values():
@@ -112,10 +112,13 @@ def test_scan_cli_exit_codes(tmp_path):
     run = lambda *a: subprocess.run([sys.executable, "-m", "bnexporter", "scan", *a],  # noqa: E731
                                     capture_output=True, text=True, timeout=60)
     assert run(good).returncode == 0
-    assert run("--fail-on", "dead", good).returncode == 1
+    # the lone BN's consumer is unknown: never counted dead, reported as "would be dead"
+    assert run("--fail-on", "dead", good).returncode == 0
+    assert run("--consumer", "bn=relu", "--fail-on", "dead", good).returncode == 1
     assert run("--fail-on", "nonfinite", good).returncode == 0
     out = run(good).stdout
-    assert "dead 4" in out and "bn" in out
+    assert "dead 0" in out and "would be dead 4" in out
+    assert "dead 4" in run("--consumer", "bn=relu", good).stdout
 
 
 def test_zip_bomb_is_refused_from_its_headers(tmp_path):

@@ -1,6 +1,6 @@
 import pytest
 
-from bnexporter.consumers import PRESETS, ConsumerRules, guess_family
+from bnexporter.topology.consumers import PRESETS, ConsumerRules, guess_family
 
 BASIC = ["bn1", "layer1.0.bn1", "layer1.0.bn2", "layer2.0.bn1", "layer2.0.bn2",
          "layer2.0.downsample.1"]

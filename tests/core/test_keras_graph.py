@@ -1,4 +1,4 @@
-from bnexporter.keras_graph import KerasGraph
+from bnexporter.topology.keras_graph import KerasGraph
 
 
 def _k2_layer(name, cls, inputs, **cfg):
@@ -37,7 +37,8 @@ def test_keras2_functional_consumers():
         _k2_layer("tfop", "TFOpLambda", ["bn_op"], function="nn.relu6"),
     ]
     g = KerasGraph({"class_name": "Functional", "config": {"layers": layers}})
-    got = {b.name: g.consumer(b.name) for b in g.batchnorm_layers()}
+    bns = [b for b in g.layers.values() if "BatchNormalization" in b.class_name]
+    got = {b.name: g.consumer(b.name) for b in bns}
     assert got == {"bn_relu": "relu", "bn_relu6": "relu6", "bn_add": "add", "bn_drop": "relu",
                    "bn_leaky": "other", "bn_lin": "linear", "bn_out": "linear",
                    "bn_op": "relu6"}

@@ -6,12 +6,13 @@ import os
 import numpy as np
 import pytest
 
-from bnexporter import refine
-from bnexporter.analysis import Thresholds, classify_channels
-from bnexporter.discovery import BNLayer, discover
+from bnexporter.detection import refine
+from bnexporter.detection.analysis import Thresholds, classify_channels
+from bnexporter.detection.discovery import BNLayer, discover
+from bnexporter.detection.links import find_links
+from bnexporter.detection.wiring import Feed
 from bnexporter.formats.base import Reader, TensorInfo
-from bnexporter.links import Feed, find_links, refine_layers
-from bnexporter.scan import ScanOptions, _analyse, analyse_path
+from bnexporter.scan import ScanOptions, _analyse, analyse_path, refine_layers
 
 FIXTURES = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fixtures")
 
@@ -95,7 +96,7 @@ def _dw_network(up_beta, dw_kernel, dw_beta=-0.2, dw_mean=0.0, dw_var=1.0):
                             1e-3)
     dw = refine.BNParams.of(np.ones(4), np.full(4, dw_beta), np.full(4, dw_mean),
                             np.full(4, dw_var), 1e-3)
-    from bnexporter.links import Link
+    from bnexporter.detection.links import Link
     link = Link("dw_bn", "dw/kernel", "keras_dw", 4, None,
                 Feed("relu6", None, (Feed("bn", "up_bn"),)))
     w = refine.kernel_matrix(dw_kernel, "keras_dw")

@@ -6,7 +6,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from bnexporter.errors import CheckpointError
-from bnexporter.formats.detect import detect, open_reader
+from bnexporter.formats.sniff import detect, open_reader
 
 
 def _tensors():

@@ -7,18 +7,18 @@ import re
 from dataclasses import replace
 
 import pytest
-from daemon_support import ROOT, Scrape
 from prometheus_client import CollectorRegistry, generate_latest
 
-from bnexporter.daemon import landing
-from bnexporter.daemon.collector import SnapshotCollector, select_layers
 from bnexporter.daemon.config import MetricOptions
 from bnexporter.daemon.demo import write_checkpoint
-from bnexporter.daemon.exposition import FastText
 from bnexporter.daemon.state import ModelView, Store, WatcherView, frozen
-from bnexporter.daemon.web import App
+from bnexporter.daemon.web import landing
+from bnexporter.daemon.web.app import App
+from bnexporter.daemon.web.collector import SnapshotCollector, select_layers
+from bnexporter.daemon.web.exposition import FastText
 from bnexporter.report import LayerReport
 from bnexporter.scan import analyse_path
+from tests.support.daemon import ROOT, Scrape
 
 CONTRACT = ROOT / "docs" / "metrics-contract.md"
 
@@ -85,8 +85,8 @@ def test_per_layer_off_keeps_model_totals(report):
 
 
 def _layer(name: str, dead: int, near: int = 0) -> LayerReport:
-    return LayerReport(name, 10, 1e-3, "config", "relu", "config", list(range(dead)),
-                       list(range(dead, dead + near)), [], [], [], [])
+    return LayerReport(name, 10, 1e-3, "config", "relu", "config",
+                       {"dead": list(range(dead)), "near_dead": list(range(dead, dead + near))})
 
 
 def test_include_exclude_and_top_k_worst(report):

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from bnexporter.daemon import complete
 from bnexporter.daemon.config import DEFAULT_PATTERNS, Retry
 from bnexporter.daemon.demo import checkpoint_bytes
 from bnexporter.daemon.files import Candidate, ignored_file, ignored_path, list_candidates
@@ -25,6 +24,7 @@ from bnexporter.daemon.policy import (
     settled,
     shard_of,
 )
+from bnexporter.formats.sniff import incomplete
 
 
 def test_settle_needs_a_stable_signature_for_the_whole_period():
@@ -160,10 +160,10 @@ def test_zip_completeness(tmp_path: Path):
     with zipfile.ZipFile(path, "w") as zf:
         zf.writestr("config.json", "{}" * 1000)
         zf.comment = b"trailing comment"
-    assert complete.check(str(path)) is None
+    assert incomplete(str(path)) is None
     data = path.read_bytes()
     path.write_bytes(data[:-30])
-    assert complete.check(str(path))[0] == "truncated"
+    assert incomplete(str(path))[0] == "truncated"
 
 
 def test_safetensors_size_equation(tmp_path: Path):
@@ -174,18 +174,18 @@ def test_safetensors_size_equation(tmp_path: Path):
     blob = struct.pack("<Q", len(header)) + header + b"\0" * 16
     path = tmp_path / "m.safetensors"
     path.write_bytes(blob)
-    assert complete.check(str(path)) is None
+    assert incomplete(str(path)) is None
     path.write_bytes(blob[:-4])
-    assert complete.check(str(path))[0] == "truncated"
+    assert incomplete(str(path))[0] == "truncated"
     path.write_bytes(b"")
-    assert complete.check(str(path)) == ("truncated", "file is empty")
+    assert incomplete(str(path)) == ("truncated", "file is empty")
 
 
 def test_hdf5_end_of_file_address(tmp_path: Path):
     data = checkpoint_bytes(100)
     path = tmp_path / "ckpt-100.h5"
     path.write_bytes(data)
-    assert complete.check(str(path)) is None
+    assert incomplete(str(path)) is None
     path.write_bytes(data[: len(data) // 2])
-    reason, message = complete.check(str(path))
+    reason, message = incomplete(str(path))
     assert reason == "truncated" and "superblock" in message

@@ -26,6 +26,7 @@ from bnexporter.errors import CheckpointError  # noqa: E402
 from bnexporter.formats import (  # noqa: E402
     sstable,
     tf_bundle,
+    torch_layout,
     torch_pickle,
     zipmember,
 )
@@ -239,7 +240,7 @@ def target_pickle(data: bytes, legacy: bool = False) -> None:
     def run() -> None:
         try:
             root = torch_pickle.load(data, legacy=legacy)
-            torch_pickle.interpret(root)
+            torch_layout.interpret(root)
         except torch_pickle.Refused as exc:
             if "\n" in exc.cause:
                 raise FuzzBug(f"refusal is not one line: {exc.cause!r}") from None

@@ -12,9 +12,10 @@ import time
 import urllib.request
 
 import pytest
-from rel_support import Daemon, base_config, bn_tensors, safetensors_bytes, usage
+from rel_support import base_config, bn_tensors, safetensors_bytes, usage
 
-from bnexporter.daemon.web import HEADER_TIMEOUT
+from bnexporter.daemon.web.app import HEADER_TIMEOUT
+from tests.support.daemon import DaemonProcess
 
 MODELS, LAYERS = 6, 2000
 
@@ -68,7 +69,7 @@ def big(tmp_path_factory: pytest.TempPathFactory):
         (folder / "ckpt-100.safetensors").write_bytes(
             safetensors_bytes(bn_tensors(layers, 8, dead=1 + i, seed=i)))
         models.append({"name": f"m{i}", "path": str(folder)})
-    d = Daemon(base, base_config(log_level="info", workers=2, models=models)).start()
+    d = DaemonProcess(base, base_config(log_level="info", workers=2, models=models)).start()
     d.wait_for(lambda s: all(s.get("bnexporter_model_checkpoint_step", model=f"m{i}") == 100
                              for i in range(MODELS)), "all analysed", timeout=60)
     yield d
@@ -76,7 +77,7 @@ def big(tmp_path_factory: pytest.TempPathFactory):
     assert rc == 0, d.log()
 
 
-def test_concurrent_scrapers_and_slow_clients(big: Daemon):
+def test_concurrent_scrapers_and_slow_clients(big: DaemonProcess):
     d = big
     host, port = d.host_port
     base = usage(d.pid)

@@ -14,13 +14,13 @@ from pathlib import Path
 import bcrypt
 import pytest
 
-from bnexporter.daemon.auth import BasicAuth, RateLimit, parse_basic
 from bnexporter.daemon.config import DEFAULT_PATTERNS
 from bnexporter.daemon.files import list_candidates
 from bnexporter.daemon.logsafe import SafeFormatter, escape_controls
 from bnexporter.daemon.progress import StallWatch, proc_dir, sample
 from bnexporter.daemon.validate import ConfigError
-from bnexporter.daemon.webconfig import _duration, allowed_san, load_web_config
+from bnexporter.daemon.web.auth import BasicAuth, RateLimit, parse_basic
+from bnexporter.daemon.web.webconfig import _duration, allowed_san, load_web_config
 
 
 def _web(tmp_path: Path, text: str) -> Path:

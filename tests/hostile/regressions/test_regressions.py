@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from bnexporter.errors import CheckpointError
-from bnexporter.formats.detect import open_reader
+from bnexporter.formats.sniff import open_reader
 from bnexporter.scan import analyse_path
 from tests.hostile import builders as b
 from tests.hostile.sandbox import Sandbox

@@ -9,9 +9,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .consumers import ConsumerRules
-from .formats.base import Reader
-from .keras_graph import KerasGraph
+from bnexporter.formats.base import Reader
+from bnexporter.topology.consumers import ConsumerRules
+from bnexporter.topology.keras_graph import KerasGraph
 
 _ROLES = {
     "running_mean": "mean", "running_var": "var", "weight": "gamma", "bias": "beta",
@@ -35,8 +35,9 @@ class BNLayer:
     eps_source: str
     consumer: str
     consumer_source: str
-    # the tensor producing this BN's input (a conv / dense kernel), when known
+    # the layer producing this BN's input (a conv / dense), when known, and how
     producer: str | None = None
+    producer_source: str = "none"
 
 
 def discover(reader: Reader, rules: ConsumerRules | None = None,
@@ -77,7 +78,7 @@ def discover(reader: Reader, rules: ConsumerRules | None = None,
             else:
                 consumer, source = "unknown", "none"
         layers.append(BNLayer(name, shape[0], mean, var, gamma, beta, eps, eps_source,
-                              consumer, source, roles.get("producer")))
+                              consumer, source))
     return layers
 
 
@@ -113,8 +114,8 @@ def _k3_groups(reader: Reader, graph: KerasGraph | None) -> dict[str, dict[str, 
         m = _K3_VARS.match(name)
         if m and name not in reader.meta.auxiliary:
             by_path.setdefault(m.group(1), []).append(name)
-    names: dict[str, str] = getattr(reader, "k3_layer_names", {})
-    k3_paths = _k3_paths(graph) if graph else {}
+    names = reader.meta.layer_names
+    k3_paths = graph.k3_paths() if graph else {}
     groups: dict[str, dict[str, str]] = {}
     for path, tensors in by_path.items():
         tensors.sort(key=lambda t: int(t.rsplit("/", 1)[1]))
@@ -140,27 +141,3 @@ def _k3_groups(reader: Reader, graph: KerasGraph | None) -> dict[str, dict[str, 
             continue
         groups[layer] = dict(zip(order, tensors, strict=False))
     return groups
-
-
-def _k3_paths(graph: KerasGraph) -> dict[str, str]:
-    """Reproduce Keras 3's ``layers/<snake_case class>_N`` paths from the config."""
-    out: dict[str, str] = {}
-    counters: dict[str, dict[str, int]] = {}
-    for spec in graph.layers.values():
-        scope_path = _scope_path(graph, spec.scope, out)
-        used = counters.setdefault(scope_path, {})
-        base = _snake(spec.class_name)
-        n = used.get(base, -1) + 1
-        used[base] = n
-        leaf = base if n == 0 else f"{base}_{n}"
-        out[spec.name] = f"{scope_path}layers/{leaf}"
-    return {v: k for k, v in out.items()}
-
-
-def _scope_path(graph: KerasGraph, scope: str, out: dict[str, str]) -> str:
-    return f"{out[scope]}/" if scope and scope in out else ""
-
-
-def _snake(name: str) -> str:
-    s = re.sub(r"(.)([A-Z][a-z]+)", r"\1_\2", name)
-    return re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", s).lower()

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from .formats import dtypes
-
-RELU_LIKE = ("relu", "relu6", "unknown")
+from bnexporter.formats import dtypes
+from bnexporter.report import RELU_LIKE
 
 
 @dataclass(frozen=True)
@@ -42,6 +41,14 @@ class ChannelResult:
     dead_input: list[int]
     constant: list[int]
     saturated: list[int]
+    # dead by the estimate, but the consumer is not known to be a ReLU: reported apart
+    would_be_dead: list[int] = field(default_factory=list)
+
+    def classes(self) -> dict[str, list[int]]:
+        return {"dead": self.dead, "near_dead": self.near_dead,
+                "would_be_dead": self.would_be_dead, "collapsed_gamma": self.collapsed_gamma,
+                "dead_input": self.dead_input, "constant": self.constant,
+                "saturated": self.saturated}
 
 
 def _erfc(x: np.ndarray) -> np.ndarray:
@@ -104,16 +111,22 @@ def classify_channels(gamma: np.ndarray | None, beta: np.ndarray | None, mean: n
     constant = finite & (b > 0) & (s <= th.constant_rel * np.abs(b))
 
     relu_like = consumer in RELU_LIKE
-    dead = relu_like & finite & (p_active < th.dead_p)
+    below = finite & (p_active < th.dead_p)
+    dead = relu_like & below
     near = relu_like & finite & ~dead & (p_active < th.near_dead_p)
+    would_be = (consumer == "unknown") & below
     if consumer == "relu6":
         p_below6 = 1.0 - _tail_above(np.full(n, 6.0), b, s)
         saturated = finite & (p_below6 < th.saturated_p)
     else:
         saturated = np.zeros(n, dtype=bool)
-    idx = lambda mask: [int(i) for i in np.flatnonzero(mask)]  # noqa: E731
-    return ChannelResult(p_active, idx(dead), idx(near), idx(collapsed), idx(dead_input),
-                         idx(constant), idx(saturated))
+    return ChannelResult(p_active, indices(dead), indices(near), indices(collapsed),
+                         indices(dead_input), indices(constant), indices(saturated),
+                         indices(would_be))
+
+
+def indices(mask: np.ndarray | bool) -> list[int]:
+    return [int(i) for i in np.flatnonzero(mask)]
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,8 @@ from __future__ import annotations
 import html
 import time
 
-from .. import __version__
-from .state import ModelView, Snapshot, WatcherView
+from bnexporter import __version__
+from bnexporter.daemon.state import ModelView, Snapshot, WatcherView
 
 MAX_CHARTS = 50        # models with a chart (the worst first); a table row for every model
 MAX_BARS = 400         # layers per chart

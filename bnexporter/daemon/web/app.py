@@ -29,11 +29,11 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, gzip_accepted
 
-from . import landing
-from .exposition import FastText
-from .security import WebSecurity
-from .state import Store
-from .webconfig import allowed_san
+from bnexporter.daemon.state import Store
+from bnexporter.daemon.web import landing
+from bnexporter.daemon.web.exposition import FastText
+from bnexporter.daemon.web.security import WebSecurity
+from bnexporter.daemon.web.webconfig import allowed_san
 
 log = logging.getLogger("bnexporter.web")
 

@@ -16,9 +16,9 @@ import threading
 import time
 from dataclasses import dataclass, replace
 
-from .auth import BasicAuth, RateLimit
-from .validate import ConfigError
-from .webconfig import WebConfig, load_web_config, ssl_context
+from bnexporter.daemon.config import ConfigError
+from bnexporter.daemon.web.auth import BasicAuth, RateLimit
+from bnexporter.daemon.web.webconfig import WebConfig, load_web_config, ssl_context
 
 log = logging.getLogger("bnexporter.web")
 

@@ -91,7 +91,8 @@ class KerasGraph:
                 continue
             name = _layer_name(entry)
             cls = str(entry.get("class_name", ""))
-            cfg = entry.get("config") if isinstance(entry.get("config"), dict) else {}
+            raw = entry.get("config")
+            cfg: dict[str, Any] = raw if isinstance(raw, dict) else {}
             spec = LayerSpec(name, cls, cfg, scope, order=len(self.layers))
             if sequential:
                 spec.inputs = [prev] if prev else []
@@ -112,8 +113,22 @@ class KerasGraph:
             fed = {s for n in names if n in self.layers for s in self.layers[n].inputs}
             self._scope_outputs[scope] = {n for n in names if n not in fed}
 
-    def batchnorm_layers(self) -> list[LayerSpec]:
-        return [s for s in self.layers.values() if "BatchNormalization" in s.class_name]
+    def scope_outputs(self, scope: str) -> set[str]:
+        """The layers of nested model ``scope`` whose output leaves it."""
+        return self._scope_outputs.get(scope, set())
+
+    def k3_paths(self) -> dict[str, str]:
+        """Keras 3's ``layers/<snake_case class>_N`` weight paths -> layer name."""
+        out: dict[str, str] = {}
+        counters: dict[str, dict[str, int]] = {}
+        for spec in self.layers.values():
+            scope_path = f"{out[spec.scope]}/" if spec.scope and spec.scope in out else ""
+            used = counters.setdefault(scope_path, {})
+            base = _snake(spec.class_name)
+            n = used.get(base, -1) + 1
+            used[base] = n
+            out[spec.name] = f"{scope_path}layers/{base if n == 0 else f'{base}_{n}'}"
+        return {v: k for k, v in out.items()}
 
     def consumer(self, name: str, _depth: int = 0) -> str:
         """What kind of operation consumes this layer's output."""
@@ -170,3 +185,8 @@ def _activation_kind(activation: Any) -> str:
     if name in ("relu", "relu6", "linear"):
         return name
     return "other"
+
+
+def _snake(name: str) -> str:
+    s = re.sub(r"(.)([A-Z][a-z]+)", r"\1_\2", name)
+    return re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", s).lower()

@@ -26,14 +26,13 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import numpy as np
 
-from .analysis import RELU_LIKE, ChannelResult, Thresholds, normal_cdf
-
-if TYPE_CHECKING:  # links.py reads files; this module only needs the shapes of its records
-    from .links import Feed, Link
+from bnexporter.detection.analysis import ChannelResult, Thresholds, indices, normal_cdf
+from bnexporter.detection.wiring import Feed, Link
+from bnexporter.report import RELU_LIKE
 
 # A Gaussian exceeds 6 standard deviations with probability 1e-9: beyond the
 # positions any evaluation set visits, so ranges this wide are safe bounds.
@@ -152,9 +151,15 @@ def clip(d: Dist, top: float | None) -> Dist:
 
 def add(parts: list[Dist]) -> Dist:
     """Sum of inputs, cumulants as if independent; ranges add exactly."""
-    return Dist(sum(p.mean for p in parts), sum(p.var for p in parts),
-                sum(p.lo for p in parts), sum(p.hi for p in parts),
-                all(p.moments for p in parts), sum(p.k3 for p in parts))
+    def total(values: list[Any]) -> Any:
+        out = values[0]
+        for v in values[1:]:
+            out = out + v
+        return out
+
+    return Dist(total([p.mean for p in parts]), total([p.var for p in parts]),
+                total([p.lo for p in parts]), total([p.hi for p in parts]),
+                all(p.moments for p in parts), total([p.k3 for p in parts]))
 
 
 def _gamma_p_q(a: float, x: float) -> tuple[float, float]:
@@ -356,6 +361,17 @@ class Refined:
     x_k3: np.ndarray | float = 0.0
 
 
+class ProducerLike(Protocol):
+    """What the refinement reads of a producer: eager (:class:`Producer`) or lazy."""
+
+    @property
+    def link(self) -> Link: ...
+    @property
+    def kernel(self) -> KernelStats: ...
+    @property
+    def bias(self) -> np.ndarray | None: ...
+
+
 @dataclass(frozen=True)
 class Producer:
     """A link with its kernel reduced to :class:`KernelStats`, and its bias."""
@@ -369,7 +385,7 @@ class Producer:
         return Producer(link, KernelStats.of(w), bias)
 
 
-def refine_network(params: Mapping[str, BNParams], producers: Mapping[str, Producer],
+def refine_network(params: Mapping[str, BNParams], producers: Mapping[str, ProducerLike],
                    propagate: bool | None = None, k: float | None = None
                    ) -> dict[str, Refined]:
     """Refine every BN with a usable producer, upstream layers first.
@@ -385,7 +401,7 @@ def refine_network(params: Mapping[str, BNParams], producers: Mapping[str, Produ
 
 
 class _Network:
-    def __init__(self, params: Mapping[str, BNParams], producers: Mapping[str, Producer],
+    def __init__(self, params: Mapping[str, BNParams], producers: Mapping[str, ProducerLike],
                  propagate: bool, k: float, skew: bool):
         self.params, self.producers = params, producers
         self.propagate, self.k, self.skew = propagate, k, skew
@@ -446,7 +462,7 @@ class _Network:
             return tuple(replace(d, moments=False) for d in pairs[0])  # type: ignore[return-value]
         return None
 
-    def _refine(self, bn: BNParams, prod: Producer, train: Dist, inf: Dist) -> Refined:
+    def _refine(self, bn: BNParams, prod: ProducerLike, train: Dist, inf: Dist) -> Refined:
         ks, groups = prod.kernel, prod.link.groups
         ci = conv_input(ks, groups, inf, prod.bias)
         x_mean, x_var, skew = bn.mean, bn.var, np.zeros_like(bn.mean)
@@ -506,6 +522,7 @@ def apply(res: ChannelResult, ref: Refined, consumer: str, th: Thresholds) -> Ch
     near = relu_like & finite & ~dead & warn
     width = ref.y_hi - ref.y_lo
     const = finite & (ref.y_lo > 0) & (width <= th.constant_rel * np.abs(ref.y_hi))
-    idx = lambda mask: [int(i) for i in np.flatnonzero(mask)]  # noqa: E731
-    constant = sorted(set(res.constant) | set(idx(const)))
-    return replace(res, p_active=p, dead=idx(dead), near_dead=idx(near), constant=constant)
+    constant = sorted(set(res.constant) | set(indices(const)))
+    would_be = (consumer == "unknown") & finite & (p < th.dead_p)
+    return replace(res, p_active=p, dead=indices(dead), near_dead=indices(near),
+                   constant=constant, would_be_dead=indices(would_be))

@@ -17,10 +17,10 @@ from collections.abc import Iterator
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from .. import __version__
-from ..report import CheckpointReport, LayerReport
-from .config import MetricOptions
-from .state import ModelView, Snapshot, Store
+from bnexporter import __version__
+from bnexporter.daemon.config import MetricOptions
+from bnexporter.daemon.state import ModelView, Snapshot, Store
+from bnexporter.report import CheckpointReport, LayerReport
 
 P = "bnexporter_"
 _LAYER_COUNTS = (  # (metric suffix, LayerReport attribute, what it counts)

@@ -13,11 +13,11 @@ from importlib import resources
 
 import yaml
 
-from .keras_graph import CONSUMERS
+from bnexporter.topology.keras_graph import CONSUMERS
 
 
 def load_presets() -> dict[str, list[tuple[str, str]]]:
-    text = resources.files("bnexporter.presets").joinpath("torchvision.yaml").read_text()
+    text = resources.files("bnexporter.topology.presets").joinpath("torchvision.yaml").read_text()
     data = yaml.safe_load(text)
     return {name: [(str(p), str(c)) for p, c in spec["rules"].items()]
             for name, spec in data.items()}

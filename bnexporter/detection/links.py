@@ -13,54 +13,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 
-import numpy as np
-
-from . import refine
-from .discovery import BNLayer, _k3_paths
-from .formats.base import Reader
-from .keras_graph import KerasGraph, LayerSpec
+from bnexporter.detection.discovery import BNLayer
+from bnexporter.detection.wiring import Feed, Link
+from bnexporter.formats.base import Reader
+from bnexporter.topology.keras_graph import KerasGraph, LayerSpec
 
 _MAX_DEPTH = 24  # feed trees deeper than this (long residual chains) are dropped
-
-
-@dataclass(frozen=True)
-class Feed:
-    """What a producer reads, channel by channel.
-
-    ``op`` is ``bn`` (the output of BN layer ``bn``), ``relu`` / ``relu6`` (the
-    activation of ``args[0]``), ``add`` (the sum of ``args``) or ``maxpool``
-    (a max over a window of ``args[0]``: keeps the range, not the moments).
-    """
-
-    op: str
-    bn: str | None = None
-    args: tuple[Feed, ...] = ()
-
-    def bns(self) -> set[str]:
-        """Every BN this feed reads (to order the refinement upstream first)."""
-        out = {self.bn} if self.bn else set()
-        for a in self.args:
-            out |= a.bns()
-        return out
-
-
-@dataclass(frozen=True)
-class Link:
-    """The producer of one BN's input.
-
-    ``layout`` says how to read the kernel: ``keras`` (..., in, out), ``keras_dw``
-    (kh, kw, in, multiplier), ``torch`` (out, in / groups, ...). ``groups`` is
-    the conv's group count (0 when unknown: then no feed is used).
-    """
-
-    bn: str
-    kernel: str
-    layout: str
-    groups: int
-    bias: str | None = None
-    feed: Feed | None = None
 
 
 def find_links(reader: Reader, layers: list[BNLayer]) -> dict[str, Link]:
@@ -73,44 +32,6 @@ def find_links(reader: Reader, layers: list[BNLayer]) -> dict[str, Link]:
     except (KeyError, ValueError, TypeError, IndexError):
         return {}
     return {}
-
-
-def refine_layers(reader: Reader, layers: list[BNLayer],
-                  kernel_max: int = 1 << 22) -> dict[str, refine.Refined]:
-    """Read what the refinement needs (BN vectors, producer kernels) and run it.
-
-    Kernels larger than ``kernel_max`` elements are not read: their layers keep
-    the plain estimate, so a BN-only scan of a huge model stays cheap.
-    """
-    links = find_links(reader, layers)
-    if not links:
-        return {}
-    read = lambda name: None if name is None else reader.read(name)  # noqa: E731
-    params = {layer.name: refine.BNParams.of(read(layer.gamma), read(layer.beta),
-                                             read(layer.mean), read(layer.var), layer.eps)
-              for layer in layers}
-    producers: dict[str, _LazyProducer] = {}
-    for name, link in links.items():
-        if link.feed is None or link.groups <= 0:
-            continue
-        if reader.info(link.kernel).size > kernel_max:
-            continue
-        bias = None if link.bias is None else np.asarray(reader.read(link.bias), np.float64)
-        producers[name] = _LazyProducer(reader, link, bias)
-    return refine.refine_network(params, producers)  # type: ignore[arg-type]
-
-
-class _LazyProducer:
-    """A producer whose kernel is read and reduced only when its layer is refined,
-    and not kept: memory stays bounded by the largest kernel, not the model."""
-
-    def __init__(self, reader: Reader, link: Link, bias: np.ndarray | None):
-        self.link, self.bias, self._reader = link, bias, reader
-
-    @property
-    def kernel(self) -> refine.KernelStats:
-        w = refine.kernel_matrix(self._reader.read_array(self.link.kernel), self.link.layout)
-        return refine.KernelStats.of(w)
 
 
 # -- Keras: follow the config graph ------------------------------------------------
@@ -129,7 +50,7 @@ def _keras_vars(reader: Reader, graph: KerasGraph) -> dict[str, dict[str, str]]:
     names = {name for name in reader.names()
              if name not in reader.meta.auxiliary and not name.startswith("optimizer")}
     out: dict[str, dict[str, str]] = {}
-    k3 = {**_k3_paths(graph), **getattr(reader, "k3_layer_names", {})}
+    k3 = {**graph.k3_paths(), **reader.meta.layer_names}
     for name in names:
         m = re.match(r"^(.*)/vars/(\d+)$", name)
         if m and m.group(1) in k3:
@@ -241,7 +162,7 @@ def _keras_activation(spec: LayerSpec) -> str | None:
 
 def _keras_model_output(graph: KerasGraph, spec: LayerSpec, bns: set[str],
                         depth: int) -> Feed | None:
-    outs = graph._scope_outputs.get(spec.name, set())
+    outs = graph.scope_outputs(spec.name)
     if len(outs) != 1:
         return None
     return _keras_feed(graph, next(iter(outs)), bns, depth + 1)

@@ -1,0 +1,1 @@
+"""Pure numpy detection: BN discovery, channel classes, refinement, tensor scans, census."""

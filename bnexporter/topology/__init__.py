@@ -1,0 +1,1 @@
+"""What feeds and what follows each BatchNorm: graph sources translated into one IR."""

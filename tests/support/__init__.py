@@ -1,0 +1,1 @@
+"""Shared test helpers: daemon processes, scrapes, builders, and the import-graph check."""
