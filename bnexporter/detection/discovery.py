@@ -7,10 +7,11 @@ epsilon (and where that number came from), and what consumes its output.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from bnexporter.formats.base import Reader
 from bnexporter.topology.consumers import ConsumerRules
+from bnexporter.topology.infer import infer_consumers
 from bnexporter.topology.keras_graph import KerasGraph
 
 _ROLES = {
@@ -79,7 +80,19 @@ def discover(reader: Reader, rules: ConsumerRules | None = None,
                 consumer, source = "unknown", "none"
         layers.append(BNLayer(name, shape[0], mean, var, gamma, beta, eps, eps_source,
                               consumer, source))
-    return layers
+    return _with_inferred(reader, layers)
+
+
+def _with_inferred(reader: Reader, layers: list[BNLayer]) -> list[BNLayer]:
+    """Fill unknown consumers from the evidence in the weights (topology/infer.py)."""
+    unknown = {layer.name for layer in layers if layer.consumer == "unknown"}
+    found = infer_consumers(reader, layers, unknown)
+    return [replace(layer, consumer=found[layer.name].consumer,
+                    consumer_source=found[layer.name].source,
+                    producer=found[layer.name].producer,
+                    producer_source="inferred:key-order" if found[layer.name].producer
+                    else layer.producer_source)
+            if layer.name in found else layer for layer in layers]
 
 
 def _same_shape(reader: Reader, name: str | None, shape: tuple[int, ...]) -> bool:
