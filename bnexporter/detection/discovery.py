@@ -10,9 +10,11 @@ import re
 from dataclasses import dataclass, replace
 
 from bnexporter.formats.base import Reader
+from bnexporter.topology import sources
 from bnexporter.topology.consumers import ConsumerRules
 from bnexporter.topology.infer import infer_consumers
 from bnexporter.topology.keras_graph import KerasGraph
+from bnexporter.topology.resolve import bn_contexts
 
 _ROLES = {
     "running_mean": "mean", "running_var": "var", "weight": "gamma", "bias": "beta",
@@ -44,7 +46,12 @@ class BNLayer:
 def discover(reader: Reader, rules: ConsumerRules | None = None,
              eps_override: float | None = None) -> list[BNLayer]:
     meta = reader.meta
+    config_source = "config"
+    found = None if meta.model_config else sources.find(reader.path, meta.framework, meta.notes)
+    if found is not None and found.keras_config is not None:
+        meta.model_config, config_source = found.keras_config, found.source
     graph = KerasGraph(meta.model_config) if meta.model_config else None
+    contexts = bn_contexts(found.graph) if found is not None and found.graph else {}
     groups = _k3_groups(reader, graph) if reader.format == "keras3-weights-h5" or (
         reader.format == "keras" and any(_K3_VARS.match(n) for n in reader.names())
     ) else _suffix_groups(reader)
@@ -72,14 +79,21 @@ def discover(reader: Reader, rules: ConsumerRules | None = None,
             fw = meta.framework if meta.framework in DEFAULT_EPS else (
                 "torch" if mean.endswith("running_mean") else "keras")
             eps, eps_source = DEFAULT_EPS[fw], f"default:{'pytorch' if fw == 'torch' else fw}"
-        consumer, source = rules.lookup(name, preset, prefix)
+        producer, producer_source = None, "none"
+        consumer, source = rules.lookup(name, None)  # the user's own rules come first
+        ctx = contexts.get(mean)
+        if consumer is None and graph is not None and spec is not None:
+            consumer, source = graph.consumer(name), config_source
+        elif consumer is None and ctx is not None and found is not None:
+            consumer, source = ctx.consumer, found.source
+        if ctx is not None and ctx.producer is not None and found is not None:
+            producer, producer_source = ctx.producer, found.source
         if consumer is None:
-            if graph is not None and spec is not None:
-                consumer, source = graph.consumer(name), "config"
-            else:
-                consumer, source = "unknown", "none"
+            consumer, source = rules.lookup(name, preset, prefix)
+        if consumer is None:
+            consumer, source = "unknown", "none"
         layers.append(BNLayer(name, shape[0], mean, var, gamma, beta, eps, eps_source,
-                              consumer, source))
+                              consumer, source, producer, producer_source))
     return _with_inferred(reader, layers)
 
 
@@ -89,9 +103,9 @@ def _with_inferred(reader: Reader, layers: list[BNLayer]) -> list[BNLayer]:
     found = infer_consumers(reader, layers, unknown)
     return [replace(layer, consumer=found[layer.name].consumer,
                     consumer_source=found[layer.name].source,
-                    producer=found[layer.name].producer,
-                    producer_source="inferred:key-order" if found[layer.name].producer
-                    else layer.producer_source)
+                    producer=layer.producer or found[layer.name].producer,
+                    producer_source=layer.producer_source if layer.producer
+                    else "inferred:key-order" if found[layer.name].producer else "none")
             if layer.name in found else layer for layer in layers]
 
 

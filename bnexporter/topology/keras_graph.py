@@ -23,7 +23,7 @@ _LINEAR = re.compile(
 _ADD = {"Add", "Subtract", "Average"}
 _OTHER_ACT = {"LeakyReLU", "PReLU", "ELU", "ThresholdedReLU", "Softmax"}
 
-CONSUMERS = ("relu", "relu6", "add", "linear", "other", "unknown")
+CONSUMERS = ("relu", "relu6", "add", "linear", "silu", "hardswish", "other", "unknown")
 
 
 @dataclass
@@ -182,8 +182,12 @@ def _activation_kind(activation: Any) -> str:
         if isinstance(activation, dict):
             activation = activation.get("name")
     name = str(activation or "").lower()
-    if name in ("relu", "relu6", "linear"):
+    if name in ("relu", "relu6", "linear", "silu", "hardswish"):
         return name
+    if name == "swish":
+        return "silu"
+    if name in ("hard_swish", "hard_silu"):
+        return "hardswish"
     return "other"
 
 

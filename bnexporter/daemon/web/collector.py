@@ -20,22 +20,12 @@ from prometheus_client.registry import Collector
 from bnexporter import __version__
 from bnexporter.daemon.config import MetricOptions
 from bnexporter.daemon.state import ModelView, Snapshot, Store
-from bnexporter.report import CheckpointReport, LayerReport
+from bnexporter.report import CHANNEL_CLASSES, CheckpointReport, LayerReport
 
 P = "bnexporter_"
-_LAYER_COUNTS = (  # (metric suffix, LayerReport attribute, what it counts)
-    ("dead_channels", "dead", "channels that are (almost) never positive after BN"),
-    ("near_dead_channels", "near_dead", "channels positive only rarely after BN"),
-    ("collapsed_gamma_channels", "collapsed_gamma", "channels whose |gamma| collapsed to ~0"),
-    ("dead_input_channels", "dead_input", "channels whose input never varies (running var ~0)"),
-    ("constant_channels", "constant", "channels whose output does not depend on the input"),
-    ("saturated_channels", "saturated", "ReLU6 channels always at the upper limit"),
-)
-_MODEL_SUMS = (  # (metric suffix, Summary attribute)
-    ("dead_channels", "dead"), ("near_dead_channels", "near_dead"),
-    ("collapsed_gamma_channels", "collapsed_gamma"), ("dead_input_channels", "dead_input"),
-    ("constant_channels", "constant"), ("saturated_channels", "saturated"),
-)
+# (metric suffix, channel class, what it counts): one family per class of report.py
+_LAYER_COUNTS = tuple((f"{name}_channels", name, help_) for name, help_ in CHANNEL_CLASSES)
+_MODEL_SUMS = tuple((suffix, name) for suffix, name, _ in _LAYER_COUNTS)
 
 
 @functools.lru_cache(maxsize=256)
@@ -90,9 +80,14 @@ def model_families(models: list[ModelView]) -> list[Metric]:
     }
     for suffix, attr in _MODEL_SUMS:
         mf[attr] = _gauge("model_" + suffix, f"Sum over layers of layer_{suffix}.", m)
-    mf["dead_ratio"] = _gauge("model_dead_ratio", "Dead channels / channels (0..1).", m)
+    mf["relu_channels"] = _gauge("model_relu_channels", "Channels of BNs whose consumer is "
+                                 "a ReLU / ReLU6 (known or inferred): the ratios' denominator.", m)
+    mf["dead_ratio"] = _gauge("model_dead_ratio", "Dead channels / channels of ReLU-fed BNs "
+                              "(0..1).", m)
     mf["near_dead_ratio"] = _gauge("model_near_dead_ratio",
-                                   "Near-dead channels / channels (0..1).", m)
+                                   "Near-dead channels / channels of ReLU-fed BNs (0..1).", m)
+    mf["consumer_coverage"] = _gauge("model_consumer_coverage_ratio", "Share of BN layers "
+                                     "whose consumer is known or inferred (0..1).", m)
     collapsed = _gauge("model_collapsed_layers", "BN layers whose every channel has a "
                        "collapsed gamma or is dead.", m)
     nonfinite = _gauge("model_nonfinite_values", "NaN/Inf values over all scanned tensors.", m)
@@ -137,8 +132,10 @@ def model_families(models: list[ModelView]) -> list[Metric]:
         mf["channels"].add_metric([name], float(s.channels))
         for _, attr in _MODEL_SUMS:
             mf[attr].add_metric([name], float(getattr(s, attr)))
+        mf["relu_channels"].add_metric([name], float(s.relu_channels))
         mf["dead_ratio"].add_metric([name], s.dead_ratio)
         mf["near_dead_ratio"].add_metric([name], s.near_dead_ratio)
+        mf["consumer_coverage"].add_metric([name], s.consumer_coverage)
         collapsed.add_metric([name], float(collapsed_layers(r)))
         nonfinite.add_metric([name], float(s.nonfinite))
         extreme.add_metric([name], float(s.extreme_tensors))
