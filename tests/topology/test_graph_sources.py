@@ -226,3 +226,14 @@ def test_truncated_archive_is_an_error(tmp_path) -> None:
     dst.write_bytes(open(src, "rb").read()[:5000])
     with pytest.raises(CheckpointError):
         tg.graph_from_torchscript(str(dst))
+
+
+@pytest.mark.parametrize("net", NETS)
+def test_describe_output_matches_fx(net: str) -> None:
+    """``describe`` (run by the generator where torch is installed) writes a graph
+    description whose BN consumers equal the truth and whose params are state_dict keys."""
+    g = tg.graph_from_json(os.path.join(D, f"{net}.describe.graph.json"))
+    assert g.source == "describe:fx" and g.input_shape == (3, 16, 16)
+    assert bn_consumers(g) == truth(net)
+    names = reader_names(os.path.join(D, f"{net}_sd.pt"))
+    assert all(set(n.params.values()) <= names for n in g.nodes)
