@@ -57,6 +57,8 @@ class Sample:
     analyses: int     # bnexporter_analyses_total{outcome="success"}
     errors: int       # sum of bnexporter_errors_total
     pending: int      # bnexporter_queue_pending
+    analysis_procs: int = 0  # live analysis processes (children of the forkserver)
+    helper_procs: int = 0    # live direct children: forkserver, resource tracker
 
 
 @dataclass
@@ -94,6 +96,34 @@ def _rss_mb(pid: int) -> float:
         return 0.0
     m = re.search(r"VmRSS:\s+(\d+)", text)
     return int(m.group(1)) / 1024 if m else 0.0
+
+
+def _alive(pid: int) -> bool:
+    """Exists and is not a zombie (an exited analysis not reaped yet)."""
+    try:
+        data = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return False
+    return data[data.rfind(b")") + 2:data.rfind(b")") + 3] != b"Z"
+
+
+def _is_forkserver(pid: int) -> bool:
+    try:
+        return b"multiprocessing.forkserver" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def process_roles(pid: int) -> tuple[int, int]:
+    """(helpers, analyses) of the daemon ``pid``, counting live processes only.
+
+    Helpers are its direct children (the forkserver and the resource tracker),
+    which live as long as the daemon; analyses are the forkserver's children.
+    Exited processes not reaped yet are not counted."""
+    tree = _proc_tree(pid)
+    helpers = [c for c in tree.get(pid, []) if _alive(c)]
+    servers = [c for c in helpers if _is_forkserver(c)]
+    return len(helpers), sum(1 for s in servers for c in tree.get(s, []) if _alive(c))
 
 
 def measure(pid: int) -> tuple[float, int, int, int, float]:
@@ -278,6 +308,7 @@ def _wait_url(log_path: Path, proc: subprocess.Popen[bytes]) -> str:
 
 def _sample(pid: int, scraper: Scraper, t: float) -> Sample:
     rss, fds, threads, children, children_rss = measure(pid)
+    helpers, running = process_roles(pid)
     try:
         m = scraper.scrape()
     except OSError:
@@ -285,7 +316,7 @@ def _sample(pid: int, scraper: Scraper, t: float) -> Sample:
     errors = sum(v for (n, _), v in m.items() if n == "bnexporter_errors_total")
     return Sample(round(t, 1), round(rss, 1), fds, threads, children, round(children_rss, 1),
                   int(m.get(("bnexporter_analyses_total", 'outcome="success"'), 0)),
-                  int(errors), int(m.get(("bnexporter_queue_pending", ""), 0)))
+                  int(errors), int(m.get(("bnexporter_queue_pending", ""), 0)), running, helpers)
 
 
 def _print_sample(s: Sample, header: bool) -> None:
@@ -322,6 +353,10 @@ def summarise(samples: list[Sample], warmup: float) -> dict[str, Any]:
         "threads_max": max(s.threads for s in samples),
         "children_after_warmup": base.children, "children_end": last.children,
         "children_max": max(s.children for s in samples),
+        # the long-lived helpers (forkserver, resource tracker) apart from the analyses
+        "helpers_after_warmup": base.helper_procs, "helpers_end": last.helper_procs,
+        "analysis_procs_end": last.analysis_procs,
+        "analysis_procs_max": max(s.analysis_procs for s in samples),
         "analyses": last.analyses, "errors": last.errors,
         "duration_s": last.t,
     }

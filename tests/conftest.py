@@ -1,7 +1,3 @@
-import os
-import sys
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-FIXTURES = os.path.join(ROOT, "tests", "fixtures")
+"""Shared by every test folder. The repository root is on ``sys.path`` through
+``pythonpath`` in pyproject.toml, so helpers are imported as ``tests.support...``;
+paths to the fixtures are in ``tests/support/paths.py``."""

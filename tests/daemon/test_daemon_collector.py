@@ -93,7 +93,10 @@ def test_include_exclude_and_top_k_worst(report):
     layers = [_layer("a.bn", 1), _layer("b.bn", 5), _layer("aux.bn", 9), _layer("c.bn", 0, 3),
               _layer("d.bn", 5, 1)]
     r = replace(report, bn_layers=layers)
-    names = lambda opts: [x.name for x in select_layers(r, opts)]  # noqa: E731
+
+    def names(opts: MetricOptions) -> list[str]:
+        return [x.name for x in select_layers(r, opts)]
+
     assert names(MetricOptions()) == ["a.bn", "b.bn", "aux.bn", "c.bn", "d.bn"]
     assert names(MetricOptions(layer_exclude="^aux")) == ["a.bn", "b.bn", "c.bn", "d.bn"]
     assert names(MetricOptions(layer_include=r"^[ab]\.")) == ["a.bn", "b.bn"]

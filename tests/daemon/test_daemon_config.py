@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from daemon_support import ROOT
 
 from bnexporter.daemon import validate
 from bnexporter.daemon.commands import check_config
 from bnexporter.daemon.config import DEFAULT_PORT
 from bnexporter.daemon.validate import ConfigError, Overrides, build_config, load_config
+from tests.support.daemon import ROOT
 
 EXAMPLE = ROOT / "config.example.yaml"
 

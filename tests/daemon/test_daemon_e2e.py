@@ -3,7 +3,7 @@
 One daemon (module fixture) watches an inotify root, a polled root and a static
 folder; each test works in its own model folder so the tests stay independent.
 Every scrape is parsed with prometheus_client's parser and each distinct one is
-checked with ``promtool check metrics`` (see daemon_support.Scrape).
+checked with ``promtool check metrics`` (see tests.support.daemon.DaemonProcess.scrape).
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from daemon_support import DaemonProc, Scrape, write_slowly
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
 from bnexporter.daemon.demo import checkpoint_bytes, write_checkpoint
 from bnexporter.scan import analyse_path
+from tests.support.daemon import DaemonProcess, Scrape, write_slowly
 
 SETTLE = 0.4
 
@@ -60,7 +60,8 @@ def env(tmp_path_factory: pytest.TempPathFactory):
     write_checkpoint(str(base / "static1" / "ckpt-100.h5"), 100)
     cfg = base / "config.yaml"
     cfg.write_text(yaml.safe_dump(_config(base)))
-    d = DaemonProc(["--config", str(cfg)], base, env={"BNEXPORTER_TEST_HOOKS": "1"})
+    d = DaemonProcess(base, args=["--config", str(cfg)], env={"BNEXPORTER_TEST_HOOKS": "1"},
+                      check_metrics=True)
     d.start()
     yield base, cfg, d
     rc = d.stop()
@@ -91,11 +92,11 @@ def test_startup_analyses_newest_by_step(env):
     assert s.get("bnexporter_watcher_polling", root=str(base / "polled")) == 1
     assert s.get("bnexporter_watcher_polling", root=str(base / "jobs")) == 0
     assert s.types["bnexporter_analyses"] == "counter"
-    status, page = d.request("/")
+    status, page = d.text("/")
     assert status == 200 and "pre" in page and "<svg" in page
-    assert d.request("/healthz")[0] == 200
+    assert d.text("/healthz")[0] == 200
     # a client that only takes OpenMetrics gets it from prometheus_client itself
-    status, om = d.request("/metrics", headers={
+    status, om = d.text("/metrics", headers={
         "Accept": "application/openmetrics-text; version=1.0.0; charset=utf-8"})
     assert status == 200 and om.endswith("# EOF\n")
     assert "application/openmetrics-text" in d.last_headers["Content-Type"]
@@ -165,7 +166,10 @@ def test_tf_bundle_is_analysed_as_one_unit_when_announced(env):
     for name in ("ckpt-1.data-00000-of-00001", "ckpt-1.index"):
         shutil.copy(src / name, folder / name)
     (folder / "checkpoint").write_text('model_checkpoint_path: "ckpt-1"\n')
-    index = lambda n: str(folder / f"ckpt-{n}.index")  # noqa: E731
+
+    def index(n: int) -> str:
+        return str(folder / f"ckpt-{n}.index")
+
     s = d.wait_for(lambda s: _info_path(s, "tfrun") == index(1), "ckpt-1 analysed")
     _expect_matches_scan(s, "tfrun", folder / "ckpt-1.index")
     assert _step(s, "tfrun") == analyse_path(index(1)).step  # the step the file records
@@ -292,12 +296,12 @@ def test_reload_by_sighup_and_post(env):
     d.send(signal.SIGHUP)
     d.wait_for(lambda s: _step(s, "extra") == 400, "model added by SIGHUP")
     cfg.write_text("models: [\n")  # broken file: reload refused, old config kept
-    status, body = d.request("/-/reload", "POST")
+    status, body = d.text("/-/reload", "POST")
     assert status == 500 and "invalid YAML" in body
-    assert d.request("/-/reload")[0] == 405
+    assert d.text("/-/reload")[0] == 405
     assert _step(d.scrape(), "extra") == 400
     cfg.write_text(yaml.safe_dump(_config(base)))
-    status, body = d.request("/-/reload", "POST")
+    status, body = d.text("/-/reload", "POST")
     assert status == 200, body
     s = d.wait_for(lambda s: "extra" not in s.models(), "model removed by POST /-/reload")
     assert _step(s, "pre") == 300  # the others are untouched
@@ -307,13 +311,13 @@ def test_dead_observer_is_restarted_and_counted(env):
     base, _, d = env
     s0 = d.scrape()
     restarts = s0.get("bnexporter_watcher_restarts_total")
-    status, body = d.request("/-/test/crash-watcher", "POST")
+    status, body = d.text("/-/test/crash-watcher", "POST")
     assert status == 200 and str(base / "jobs") in body
     crashed = len(body.split())
     s = d.wait_for(lambda s: s.get("bnexporter_watcher_restarts_total") == restarts + crashed,
                    "watcher restarts counted")
     assert all(v == 1 for (n, _), v in s.samples.items() if n == "bnexporter_watcher_up")
-    assert d.request("/healthz")[0] == 200
+    assert d.text("/healthz")[0] == 200
     assert "watcher thread died" in d.log()
     # the restarted watcher still sees new checkpoints
     folder = base / "jobs" / "after-restart"
@@ -326,8 +330,9 @@ def test_flags_only_and_sigterm(tmp_path):
     folder = tmp_path / "run1"
     folder.mkdir()
     write_checkpoint(str(folder / "ckpt-100.h5"), 100)
-    d = DaemonProc(["--watch", f"resnet={folder}", "--listen", "127.0.0.1:0",
-                    "--poll-interval", "0.2", "--bn-only"], tmp_path).start()
+    d = DaemonProcess(tmp_path, args=["--watch", f"resnet={folder}", "--listen", "127.0.0.1:0",
+                                      "--poll-interval", "0.2", "--bn-only"],
+                      check_metrics=True).start()
     try:
         s = d.wait_for(lambda s: _step(s, "resnet") == 100, "flags-only daemon serves")
         assert s.get("bnexporter_model_bn_layers", model="resnet") == 4
@@ -347,8 +352,8 @@ def test_timeout_and_sigterm_mid_analysis(tmp_path):
     cfg.write_text(yaml.safe_dump({"listen": "127.0.0.1:0", "analysis_timeout": 1,
                                    "settle_seconds": 0.2,
                                    "models": [{"name": "slow", "path": str(folder)}]}))
-    d = DaemonProc(["--config", str(cfg)], tmp_path,
-                   env={"BNEXPORTER_TEST_HOOKS": "1", "BNEXPORTER_TEST_ANALYSIS_DELAY": "30"})
+    d = DaemonProcess(tmp_path, args=["--config", str(cfg)], check_metrics=True,
+                      env={"BNEXPORTER_TEST_HOOKS": "1", "BNEXPORTER_TEST_ANALYSIS_DELAY": "30"})
     d.start()
     try:
         s = d.wait_for(lambda s: s.get("bnexporter_errors_total", reason="timeout") == 1,
@@ -358,7 +363,7 @@ def test_timeout_and_sigterm_mid_analysis(tmp_path):
                      reason="timeout") == 1
         write_checkpoint(str(folder / "ckpt-200.h5"), 200)  # starts another 30 s analysis
         time.sleep(0.8)
-        assert d.request("/healthz")[0] == 200
+        assert d.text("/healthz")[0] == 200
     finally:
         t0 = time.monotonic()
         rc = d.stop()

@@ -11,10 +11,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from daemon_support import Scrape
 
 from bnexporter.daemon import watch
 from bnexporter.daemon.state import Store
+from tests.support.daemon import Scrape
 
 
 class _FullInotify:

@@ -40,7 +40,7 @@ from deploy_support import (
     wait_http,
 )
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 SCRAPE_INTERVAL = 1.0
 EVAL_INTERVAL = 1.0

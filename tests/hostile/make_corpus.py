@@ -270,7 +270,10 @@ def safetensors_cases() -> list[Case]:
                   lambda d, c=cut: _write(d / "model.safetensors", good[:c]),
                   reasons=("truncated", "incomplete", "unsupported"))
              for cut in _cuts(len(good))]
-    f32 = lambda shape, offs: {"dtype": "F32", "shape": shape, "data_offsets": offs}  # noqa: E731
+
+    def f32(shape: list[int], offs: list[int]) -> dict[str, object]:
+        return {"dtype": "F32", "shape": shape, "data_offsets": offs}
+
     lies: dict[str, Callable[[], bytes]] = {
         "header-len-past-eof": lambda: good[8:].join([struct.pack("<Q", len(good) * 4), b""]),
         "header-len-max-u64": lambda: struct.pack("<Q", (1 << 64) - 1) + good[8:],

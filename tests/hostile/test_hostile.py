@@ -21,6 +21,8 @@ import pytest
 from tests.hostile import make_corpus
 from tests.hostile.sandbox import MEMORY_LIMIT, TIME_LIMIT, analyse_many, problems
 
+pytestmark = pytest.mark.slow  # builds and analyses the whole hostile corpus (~25 s)
+
 CASES = make_corpus.plan()
 BY_ID = {c.id: c for c in CASES}
 

@@ -17,9 +17,10 @@ import time
 from pathlib import Path
 
 import pytest
-from rel_support import ROOT, Daemon, base_config, bn_tensors, safetensors_bytes
+from rel_support import base_config, bn_tensors, safetensors_bytes
 
 from bnexporter.scan import analyse_path
+from tests.support.daemon import ROOT, DaemonProcess
 
 FIX = ROOT / "tests" / "fixtures"
 # (model, file name, version 1, version 2): two real checkpoints of each format
@@ -44,7 +45,7 @@ def _versions(tmp: Path) -> dict[str, tuple[bytes, bytes]]:
     return out
 
 
-def _expect(d: Daemon, model: str, data: bytes, scratch: Path) -> None:
+def _expect(d: DaemonProcess, model: str, data: bytes, scratch: Path) -> None:
     ref_path = scratch / f"ref-{model}{Path(dict((m, f) for m, f, _, _ in PAIRS)[model]).suffix}"
     ref_path.write_bytes(data)
     ref = analyse_path(str(ref_path))
@@ -62,11 +63,11 @@ def _expect(d: Daemon, model: str, data: bytes, scratch: Path) -> None:
 _DONE = r"model big: (analysed|\S+ changed while being analysed)"
 
 
-def _analysing(d: Daemon, model: str) -> int:
+def _analysing(d: DaemonProcess, model: str) -> int:
     return len(re.findall(rf"model {model}: analysing ", d.log()))
 
 
-def _wait_analysing(d: Daemon, counts: dict[str, int]) -> None:
+def _wait_analysing(d: DaemonProcess, counts: dict[str, int]) -> None:
     end = time.monotonic() + 15
     while time.monotonic() < end:
         if all(_analysing(d, m) > n for m, n in counts.items()):
@@ -87,7 +88,7 @@ def test_truncated_or_rewritten_after_the_check_every_format(tmp_path: Path, iso
         (tmp_path / model).mkdir()
         models.append({"name": model, "path": str(tmp_path / model)})
     cfg = base_config(workers=4, isolation=isolation, models=models)
-    d = Daemon(tmp_path, cfg, env={"BNEXPORTER_TEST_HOOKS": "1",
+    d = DaemonProcess(tmp_path, cfg, env={"BNEXPORTER_TEST_HOOKS": "1",
                                    "BNEXPORTER_TEST_ANALYSIS_DELAY": "1.5"}).start()
     paths = {m: tmp_path / m / name for m, name, _, _ in PAIRS}
     try:
@@ -133,7 +134,7 @@ def test_truncated_and_rewritten_mid_read_in_process(tmp_path: Path):
     layers = [f"layer{i}.bn" for i in range(3000)]
     cfg = base_config(workers=1, isolation="thread", settle_seconds=0.2,
                       models=[{"name": "big", "path": str(folder)}])
-    d = Daemon(tmp_path, cfg).start()
+    d = DaemonProcess(tmp_path, cfg).start()
     rng = random.Random(7)
     try:
         for cycle in range(6):

@@ -19,7 +19,6 @@ from pathlib import Path
 import pytest
 from rel_support import (
     NOBODY,
-    Daemon,
     base_config,
     descendants,
     exists,
@@ -28,6 +27,7 @@ from rel_support import (
 from stuck_io import StuckOpen, available
 
 from bnexporter.daemon.demo import checkpoint_bytes, write_checkpoint
+from tests.support.daemon import DaemonProcess
 
 SETPRIV = shutil.which("setpriv")
 UNSHARE = shutil.which("unshare")
@@ -61,7 +61,7 @@ def test_stuck_read_times_out_and_other_models_go_on(tmp_path: Path, isolation: 
     hidden = stuck / ".ckpt-100.h5"  # ignored until renamed into place
     hidden.write_bytes(checkpoint_bytes(100))
     with StuckOpen(str(hidden)):
-        d = Daemon(tmp_path, cfg).start()
+        d = DaemonProcess(tmp_path, cfg).start()
         try:
             d.wait_for(lambda s: _step(s, "busy") == 100, "busy analysed", timeout=15)
             os.rename(hidden, stuck / "ckpt-100.h5")  # the mark stays with the inode
@@ -103,7 +103,7 @@ def test_sigterm_mid_analysis_exits_quickly_and_leaves_no_process(tmp_path: Path
     folder = tmp_path / "m"
     folder.mkdir()
     write_checkpoint(str(folder / "ckpt-100.h5"), 100)
-    d = Daemon(tmp_path, base_config(models=[{"name": "m", "path": str(folder)}]),
+    d = DaemonProcess(tmp_path, base_config(models=[{"name": "m", "path": str(folder)}]),
                env={"BNEXPORTER_TEST_HOOKS": "1", "BNEXPORTER_TEST_ANALYSIS_DELAY": "60"})
     d.start()
     d.wait_log(r"model m: analysing ")
@@ -138,7 +138,7 @@ def test_watched_folder_deleted_and_recreated(tmp_path: Path):
     write_checkpoint(str(other / "ckpt-100.h5"), 100)
     cfg = base_config(watch="inotify", models=[{"name": "gone", "path": str(folder)},
                                                {"name": "other", "path": str(other)}])
-    d = Daemon(tmp_path, cfg).start()
+    d = DaemonProcess(tmp_path, cfg).start()
     try:
         d.wait_for(lambda s: _step(s, "gone") == 100 and _step(s, "other") == 100, "start")
         shutil.rmtree(folder)
@@ -181,7 +181,7 @@ def test_permission_denied_as_non_root():
         cfg = base_config(watch="inotify", models=[
             {"name": "locked", "path": str(locked)}, {"name": "private", "path": str(private)},
             {"name": "fine", "path": str(fine)}])
-        d = Daemon(base, cfg, prefix=_as_user(NOBODY)).start()
+        d = DaemonProcess(base, cfg, prefix=_as_user(NOBODY)).start()
         try:
             s = d.wait_for(lambda s: _step(s, "fine") == 100
                            and s.get("bnexporter_errors_total", reason="io") == 1,
@@ -258,7 +258,7 @@ def test_inotify_watch_limit_falls_back_to_polling():
         os.chown(model, uid, uid)
         cfg = base_config(watch="inotify", poll_interval=0.3,
                           models=[{"name": "m", "path": str(model)}])
-        d = Daemon(base, cfg, prefix=_as_user(uid)).start()
+        d = DaemonProcess(base, cfg, prefix=_as_user(uid)).start()
         try:
             s = d.wait_for(lambda s: s.get("bnexporter_watcher_polling", root=str(model)) == 1,
                            "fallback to polling")
@@ -327,10 +327,10 @@ def test_tmp_full_falls_back_to_threads_and_recovers():
         if why is None:
             prefix = ["env", f"KEEP={keep}", UNSHARE, "--mount", "--propagation", "private",
                       "sh", "-c", _FILL_TMP, "sh"]
-            d = Daemon(base, cfg, prefix=prefix)
+            d = DaemonProcess(base, cfg, prefix=prefix)
         else:  # no mount namespaces here: make tempfile find no usable folder instead
             print(f"private /tmp unavailable ({why}); simulating with a missing tempdir")
-            d = Daemon(base, cfg, launcher=[sys.executable, "-c", (
+            d = DaemonProcess(base, cfg, launcher=[sys.executable, "-c", (
                 "import runpy, sys, tempfile; tempfile.tempdir = '/nonexistent/tmp-full'; "
                 "sys.argv[0] = 'bnexporter'; runpy.run_module('bnexporter', "
                 "run_name='__main__')")])

@@ -17,6 +17,8 @@ from rel_support import base_config, bn_tensors, safetensors_bytes, usage
 from bnexporter.daemon.web.app import HEADER_TIMEOUT
 from tests.support.daemon import DaemonProcess
 
+pytestmark = pytest.mark.slow  # many models, concurrent and slow clients (~25 s)
+
 MODELS, LAYERS = 6, 2000
 
 

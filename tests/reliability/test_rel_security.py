@@ -17,9 +17,10 @@ import bcrypt
 import pytest
 import yaml
 from certs import make_pki
-from rel_support import Daemon, base_config, bn_tensors, safetensors_bytes, tls_client
+from rel_support import base_config, bn_tensors, safetensors_bytes, tls_client
 
 from bnexporter.daemon.demo import write_checkpoint
+from tests.support.daemon import DaemonProcess
 
 
 def _step(s, model):  # type: ignore[no-untyped-def]
@@ -56,7 +57,7 @@ def test_tls_and_basic_auth(tmp_path: Path, pki):
                                     "bob": _hash("builder")}}
     web.write_text(yaml.safe_dump(web_cfg))
     cfg = base_config(web_config_file=str(web), models=[{"name": "m", "path": str(folder)}])
-    d = Daemon(tmp_path, cfg)
+    d = DaemonProcess(tmp_path, cfg)
     d.tls = tls_client(pki.ca)
     d.start()
     try:
@@ -141,7 +142,7 @@ def test_client_certificates(tmp_path: Path, pki):
         "client_auth_type": "RequireAndVerifyClientCert", "client_ca_file": str(pki.ca),
         "client_allowed_sans": ["scraper.example"]}}))
     cfg = base_config(models=[{"name": "m", "path": str(folder)}])
-    d = Daemon(tmp_path, cfg, args=["--web.config.file", str(web)])
+    d = DaemonProcess(tmp_path, cfg, args=["--web.config.file", str(web)])
     d.tls = tls_client(pki.ca, *good)
     d.start()
     try:
@@ -204,7 +205,7 @@ def test_names_are_escaped_on_the_page_in_metrics_and_in_logs(tmp_path: Path):
         data = safetensors_bytes(bn_tensors([EVIL_LAYER, "ok.bn"], 8, dead=3))
         (base / name / "ckpt-100.safetensors").write_bytes(data)
     cfg = base_config(models=[{"path": str(base / "{model}")}])
-    d = Daemon(tmp_path, cfg).start()
+    d = DaemonProcess(tmp_path, cfg).start()
     try:
         s = d.wait_for(lambda s: _step(s, EVIL_FOLDER) == 100
                        and _step(s, "evil\n" + FORGED) == 100, "both analysed")
@@ -253,7 +254,7 @@ def test_symlinks_do_not_lead_out_of_the_model_folder(tmp_path: Path):
                               {"name": "followed", "path": str(followed),
                                "follow_symlinks": True},
                               {"path": str(jobs / "{model}")}])
-    d = Daemon(tmp_path, cfg).start()
+    d = DaemonProcess(tmp_path, cfg).start()
     try:
         s = d.wait_for(lambda s: _step(s, "m") == 100 and _step(s, "followed") == 900
                        and _step(s, "real") == 100, "analysed")

@@ -8,7 +8,11 @@ from __future__ import annotations
 import importlib.util
 import sys
 
-from rel_support import ROOT
+import pytest
+
+from tests.support.daemon import ROOT
+
+pytestmark = pytest.mark.slow  # one minute
 
 
 def _soak():  # type: ignore[no-untyped-def]
@@ -39,6 +43,9 @@ def test_short_soak_has_no_leaks():
     assert s["fds_end"] <= s["fds_after_warmup"] + 1
     assert s["fds_max"] <= s["fds_after_warmup"] + 4
     assert s["threads_end"] <= s["threads_after_warmup"] + 1
-    assert s["children_end"] <= s["children_after_warmup"]
-    assert s["children_max"] <= s["children_after_warmup"] + 1  # one analysis at a time
+    # count analyses apart from the long-lived helpers: the total number of descendants
+    # at one sampled moment depends on whether an analysis happened to be running then
+    # (or had exited and was not reaped yet)
+    assert s["helpers_end"] <= s["helpers_after_warmup"]
+    assert s["analysis_procs_end"] <= 1  # workers: 1, so one analysis at a time
     assert s["rss_drift_mb"] <= 5.0

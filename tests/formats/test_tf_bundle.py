@@ -33,8 +33,9 @@ from bnexporter.formats.tf_bundle import (
     parse_object_graph,
     parse_slice_key,
 )
+from tests.support.paths import FIXTURES
 
-FIX = os.path.join(os.path.dirname(__file__), "fixtures", "tf")
+FIX = os.path.join(FIXTURES, "tf")
 PREFIXES = sorted(p[: -len(".expected.json")]
                   for p in glob.glob(os.path.join(FIX, "*", "*.expected.json")))
 K3 = os.path.join(FIX, "k3_ckpt", "ckpt-7")

@@ -7,7 +7,7 @@ import h5py
 import numpy as np
 
 from bnexporter.scan import ScanOptions, analyse_path
-from tests.conftest import FIXTURES
+from tests.support.paths import FIXTURES
 
 REAL = os.path.join(FIXTURES, "keras", "k2_resnet_s400.h5")
 

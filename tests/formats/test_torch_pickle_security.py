@@ -16,12 +16,18 @@ import textwrap
 
 import numpy as np
 import pytest
-from test_torch_reader import T, bn_dict, pickle_obj, torch_pickle_bytes, write_torch_zip
 
 from bnexporter.errors import CheckpointError
 from bnexporter.formats import torch_pickle
 from bnexporter.formats.torch_legacy import TorchLegacyReader
 from bnexporter.formats.torch_zip import TorchZipReader
+from tests.formats.test_torch_reader import (
+    T,
+    bn_dict,
+    pickle_obj,
+    torch_pickle_bytes,
+    write_torch_zip,
+)
 
 
 def _s(text: str) -> bytes:

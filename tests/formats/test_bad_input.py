@@ -109,8 +109,11 @@ def test_scan_cli_reports_bad_files_and_goes_on(bad_files):
 
 def test_scan_cli_exit_codes(tmp_path):
     good = _good(tmp_path)
-    run = lambda *a: subprocess.run([sys.executable, "-m", "bnexporter", "scan", *a],  # noqa: E731
-                                    capture_output=True, text=True, timeout=60)
+
+    def run(*a: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "bnexporter", "scan", *a],
+                              capture_output=True, text=True, timeout=60)
+
     assert run(good).returncode == 0
     # the lone BN's consumer is unknown: never counted dead, reported as "would be dead"
     assert run("--fail-on", "dead", good).returncode == 0

@@ -23,8 +23,9 @@ from bnexporter.formats import torch_legacy, torch_pickle, zipmember
 from bnexporter.formats.sniff import incomplete
 from bnexporter.formats.torch_legacy import TorchLegacyReader
 from bnexporter.formats.torch_zip import TorchZipReader, looks_like_members
+from tests.support import paths
 
-FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "torch")
+FIXTURES = os.path.join(paths.FIXTURES, "torch")
 CHECKPOINTS = sorted(p for p in glob.glob(os.path.join(FIXTURES, "*"))
                      if p.endswith((".pt", ".ckpt")) and os.path.exists(p + ".truth.json"))
 

@@ -12,9 +12,10 @@ import os
 import pytest
 
 from bnexporter.scan import ScanOptions, analyse_path
-from tests.conftest import FIXTURES
+from tests.support.paths import FIXTURES
 
-TRUTHS = sorted(glob.glob(os.path.join(FIXTURES, "*", "*.truth.json")))
+TRUTHS = sorted(p for d in ("keras", "torch", "tf")
+                for p in glob.glob(os.path.join(FIXTURES, d, "*.truth.json")))
 RELU = ("relu", "relu6")
 
 

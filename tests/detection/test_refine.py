@@ -13,8 +13,7 @@ from bnexporter.detection.links import find_links
 from bnexporter.detection.wiring import Feed
 from bnexporter.formats.base import Reader, TensorInfo
 from bnexporter.scan import ScanOptions, _analyse, analyse_path, refine_layers
-
-FIXTURES = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fixtures")
+from tests.support.paths import FIXTURES
 
 
 class DictReader(Reader):
