@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 
 from prometheus_client import CollectorRegistry
 
+from bnexporter.daemon import testhooks
 from bnexporter.daemon.config import Config
 from bnexporter.daemon.models import watch_roots
 from bnexporter.daemon.planner import Planner
@@ -44,7 +44,7 @@ class Daemon:
         self.watchers = Watchers(self.store, self.planner.notify, self.planner.rescan,
                                  cfg.poll_interval)
         hooks = None
-        if os.environ.get("BNEXPORTER_TEST_HOOKS") == "1":
+        if testhooks.ENABLED:
             hooks = {"crash-watcher": lambda: " ".join(self.watchers.crash()) or "none"}
         host, port = parse_listen(cfg.listen)
         self.http = HTTPServer(host, port, App(self.store, self.registry, self.reload, hooks,

@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 
+from bnexporter.daemon import testhooks
 from bnexporter.daemon.policy import Job
 from bnexporter.daemon.progress import StallWatch, proc_dir
 from bnexporter.formats.sniff import MODULES, incomplete
@@ -36,16 +37,6 @@ from bnexporter.scan import ScanOptions, analyse_path
 log = logging.getLogger("bnexporter.worker")
 
 _PRELOAD = ["bnexporter.daemon.worker", *MODULES]
-
-
-def test_delay() -> float:
-    """``BNEXPORTER_TEST_ANALYSIS_DELAY`` (only with ``BNEXPORTER_TEST_HOOKS=1``)."""
-    if os.environ.get("BNEXPORTER_TEST_HOOKS") != "1":
-        return 0.0
-    try:
-        return float(os.environ.get("BNEXPORTER_TEST_ANALYSIS_DELAY", "0"))
-    except ValueError:
-        return 0.0
 
 
 def _analyse(path: str, opts: ScanOptions, delay: float) -> CheckpointReport:
@@ -101,7 +92,7 @@ class Runner:
         self.timeout = timeout
         self.stall_timeout = stall_timeout
         self.stop = stop
-        self.delay = test_delay()
+        self.delay = testhooks.ANALYSIS_DELAY
         self._no_processes_until = 0.0
         self._process_retry = PROCESS_RETRY
         self._unkillable: list[mp.process.BaseProcess] = []
