@@ -237,3 +237,46 @@ def test_describe_output_matches_fx(net: str) -> None:
     assert bn_consumers(g) == truth(net)
     names = reader_names(os.path.join(D, f"{net}_sd.pt"))
     assert all(set(n.params.values()) <= names for n in g.nodes)
+
+
+def test_tf1_meta_consumers_match_tf() -> None:
+    from bnexporter.topology import tf_graph
+    g = tf_graph.graph_from_meta(os.path.join(D, "tf1_net.meta"))
+    assert g is not None and g.layout == "nhwc"
+    assert bn_consumers(g) == truth("tf1_net")
+    names = reader_names(os.path.join(D, "tf1_net"))
+    for n in g.nodes:
+        if n.op in ("bn", "conv", "dense"):
+            assert n.params and set(n.params.values()) <= names, n
+        if n.op == "bn":
+            assert set(n.params) == {"gamma", "beta", "mean", "var"}
+            assert n.attrs["eps"] == pytest.approx(1e-3)
+    assert g.by_name()["conv4/Conv2D"].params["bias"] == "conv4/bias"
+
+
+@pytest.mark.parametrize("cut", [1, 7, 100, 1000, 20000])
+def test_tf1_meta_truncated_is_an_error(tmp_path, cut: int) -> None:
+    from bnexporter.topology import tf_graph
+    raw = open(os.path.join(D, "tf1_net.meta"), "rb").read()
+    p = tmp_path / "cut.meta"
+    p.write_bytes(raw[:cut])
+    try:
+        tf_graph.graph_from_meta(str(p))
+    except CheckpointError:
+        pass
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_tf1_meta_garbage_never_crashes(tmp_path, seed: int) -> None:
+    import random
+    from bnexporter.topology import tf_graph
+    raw = bytearray(open(os.path.join(D, "tf1_net.meta"), "rb").read())
+    rnd = random.Random(seed)
+    for _ in range(20):
+        raw[rnd.randrange(len(raw))] = rnd.randrange(256)
+    p = tmp_path / "bad.meta"
+    p.write_bytes(bytes(raw) if seed % 2 else bytes(rnd.randrange(256) for _ in range(4000)))
+    try:
+        tf_graph.graph_from_meta(str(p))
+    except CheckpointError:
+        pass

@@ -1,0 +1,293 @@
+"""TensorFlow graphs (TF1 ``.meta`` MetaGraphDef) translated into the shared IR.
+
+Pure protobuf wire decoding (:mod:`bnexporter.formats.protowire`): no TensorFlow, no
+protobuf package. Variables are named as the TF bundle reader names TF1 Saver keys: the
+variable op's name (``bn1/moving_mean``), found by following ``Identity`` /
+``ReadVariableOp`` reads back to ``VariableV2`` / ``VarHandleOp``.
+
+Only nodes reachable from a ``Placeholder`` become IR nodes; ``BiasAdd`` folds into the
+conv / dense node it follows. Unknown ops become ``other``.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+from bnexporter.errors import CheckpointError
+from bnexporter.formats import protowire as pw
+from bnexporter.topology.graph import Graph, Node
+
+MAX_META = 512 << 20
+_VAR_OPS = {"VariableV2", "Variable", "VarHandleOp", "VarIsInitializedOp"}
+_READS = {"Identity", "ReadVariableOp", "Enter", "Snapshot"}
+_SIMPLE = {"Relu": "relu", "Relu6": "relu6", "Sigmoid": "sigmoid", "Tanh": "tanh",
+           "Elu": "activation", "Selu": "activation", "Softmax": "softmax",
+           "LeakyRelu": "leaky_relu", "Add": "add", "AddV2": "add", "Mul": "mul",
+           "Identity": "identity", "StopGradient": "identity", "Squeeze": "reshape",
+           "Reshape": "reshape", "Pad": "pad"}
+
+
+@dataclass
+class TFNode:
+    name: str
+    op: str
+    inputs: list[str]          # data inputs ("name" or "name:k"), control inputs dropped
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+
+def _attr_value(raw: bytes, where: str) -> Any:
+    f = pw.parse(raw, where)
+    if 2 in f:
+        return pw.get_bytes(f, 2, where)
+    if 3 in f:
+        return pw.get_int(f, 3, where=where, signed=True)
+    if 4 in f:
+        v = f[4][-1]
+        return struct.unpack("<f", v.to_bytes(4, "little"))[0] if isinstance(v, int) else None
+    if 5 in f:
+        return bool(pw.get_int(f, 5, where=where))
+    if 1 in f:  # ListValue
+        lst = pw.parse(pw.get_bytes(f, 1, where) or b"", where)
+        ints: list[int] = []
+        for v in lst.get(3, []):
+            if isinstance(v, int):
+                ints.append(v)
+            else:  # packed
+                pos = 0
+                while pos < len(v):
+                    n, pos = pw.read_varint(v, pos, where)
+                    ints.append(n - (1 << 64) if n >= 1 << 63 else n)
+        return ints
+    if 8 in f:
+        return ("tensor", pw.get_bytes(f, 8, where))
+    return None
+
+
+def _tensor_ints(raw: bytes, where: str) -> list[int] | None:
+    t = pw.parse(raw, where)
+    content = pw.get_bytes(t, 4, where)
+    dtype = pw.get_int(t, 1, where=where)
+    if content:
+        if dtype == 3 and len(content) % 4 == 0:  # DT_INT32
+            return list(struct.unpack(f"<{len(content) // 4}i", content))
+        if dtype == 9 and len(content) % 8 == 0:  # DT_INT64
+            return list(struct.unpack(f"<{len(content) // 8}q", content))
+        return None
+    out: list[int] = []
+    for v in t.get(7, []) + t.get(10, []):
+        if isinstance(v, int):
+            out.append(v - (1 << 64) if v >= 1 << 63 else v)
+        else:
+            pos = 0
+            while pos < len(v):
+                n, pos = pw.read_varint(v, pos, where)
+                out.append(n - (1 << 64) if n >= 1 << 63 else n)
+    return out
+
+
+def parse_graph_def(raw: bytes, where: str) -> list[TFNode]:
+    g = pw.parse(raw, where)
+    nodes = []
+    for nd in pw.get_messages(g, 1, where):
+        attrs: dict[str, Any] = {}
+        for entry in pw.get_messages(nd, 5, where):
+            key = pw.get_str(entry, 1, where)
+            val = pw.get_bytes(entry, 2, where)
+            if val is not None:
+                attrs[key] = _attr_value(val, where)
+        inputs = []
+        for v in nd.get(3, []):
+            if not isinstance(v, bytes):
+                raise CheckpointError(where, "NodeDef input is not a string")
+            s = v.decode("utf-8", "replace")
+            if not s.startswith("^"):
+                inputs.append(s)
+        nodes.append(TFNode(pw.get_str(nd, 1, where), pw.get_str(nd, 2, where), inputs, attrs))
+    return nodes
+
+
+def graph_from_meta(path: str) -> Graph | None:
+    """The IR of a TF1 ``.meta`` MetaGraphDef, or None when it has no graph_def."""
+    try:
+        size = os.path.getsize(path)
+        if size > MAX_META:
+            raise CheckpointError(path, f"meta graph of {size} bytes exceeds {MAX_META}",
+                                  "too_large")
+        with open(path, "rb") as fh:
+            raw = fh.read()
+    except OSError as exc:
+        raise CheckpointError(path, f"cannot read: {exc.strerror}", "io") from None
+    meta = pw.parse(raw, path)
+    gd = pw.get_bytes(meta, 2, path)
+    if gd is None:
+        return None
+    return graph_from_graph_def(parse_graph_def(gd, path), source="graph:meta")
+
+
+def _base(inp: str) -> tuple[str, int]:
+    name, _, idx = inp.partition(":")
+    return name, int(idx) if idx.isdigit() else 0
+
+
+def graph_from_graph_def(tf_nodes: list[TFNode], source: str = "graph:tf") -> Graph:
+    by = {n.name: n for n in tf_nodes}
+
+    def var_of(inp: str, depth: int = 0) -> str | None:
+        name, _ = _base(inp)
+        n = by.get(name)
+        if n is None or depth > 16:
+            return None
+        if n.op in _VAR_OPS:
+            return n.name
+        if n.op in _READS and n.inputs:
+            return var_of(n.inputs[0], depth + 1)
+        return None
+
+    def const_ints(inp: str) -> list[int] | None:
+        n = by.get(_base(inp)[0])
+        if n is None or n.op != "Const":
+            return None
+        v = n.attrs.get("value")
+        if isinstance(v, tuple) and v[0] == "tensor" and v[1] is not None:
+            return _tensor_ints(v[1], "const")
+        return None
+
+    # activations: reachable from a Placeholder through data inputs
+    order = _toposort(tf_nodes, by)
+    active: set[str] = set()
+    ir: dict[str, dict[str, Any]] = {}   # TF node -> IR node spec (mutable until the end)
+    alias: dict[str, str] = {}           # TF node -> IR node name holding its output
+    out: list[str] = []
+
+    def src(inp: str) -> str | None:
+        name, idx = _base(inp)
+        if name not in active:
+            return None
+        if idx != 0 and by[name].op.startswith("FusedBatchNorm"):
+            return None
+        return alias.get(name)
+
+    def emit(name: str, op: str, ins: list[str], params: dict[str, str] | None = None,
+             attrs: dict[str, Any] | None = None) -> None:
+        ir[name] = {"op": op, "inputs": ins, "params": dict(params or {}),
+                    "attrs": dict(attrs or {})}
+        alias[name] = name
+        out.append(name)
+
+    for n in order:
+        if n.op == "Placeholder":
+            active.add(n.name)
+            emit(n.name, "input", [], attrs={"shape": None})
+            continue
+        data = [i for i in n.inputs if _base(i)[0] in active]
+        if not data:
+            continue
+        active.add(n.name)
+        ins = [s for s in (src(i) for i in n.inputs) if s]
+        first = src(n.inputs[0]) if n.inputs else None
+        if n.op.startswith("FusedBatchNorm"):
+            params = {}
+            for role, inp in zip(("gamma", "beta", "mean", "var"), n.inputs[1:5]):
+                v = var_of(inp)
+                if v:
+                    params[role] = v
+            eps = n.attrs.get("epsilon")
+            emit(n.name, "bn", [first] if first else [], params,
+                 {"eps": float(eps) if isinstance(eps, float) else 1e-3, "axis": -1})
+        elif n.op in ("Conv2D", "DepthwiseConv2dNative"):
+            kernel = var_of(n.inputs[1]) if len(n.inputs) > 1 else None
+            strides = n.attrs.get("strides") or [1, 1, 1, 1]
+            dil = n.attrs.get("dilations") or [1, 1, 1, 1]
+            pad = n.attrs.get("padding") or b"VALID"
+            attrs = {"stride": (strides[1], strides[2]) if len(strides) == 4 else (1, 1),
+                     "dilation": (dil[1], dil[2]) if len(dil) == 4 else (1, 1),
+                     "padding": pad.decode().lower() if isinstance(pad, bytes) else "valid",
+                     "groups": 1}
+            if n.op == "DepthwiseConv2dNative":
+                attrs["depthwise"] = True
+            emit(n.name, "conv", [first] if first else [],
+                 {"kernel": kernel} if kernel else {}, attrs)
+        elif n.op == "MatMul":
+            kernel = var_of(n.inputs[1]) if len(n.inputs) > 1 else None
+            if kernel and first:
+                emit(n.name, "dense", [first], {"kernel": kernel})
+            else:
+                emit(n.name, "other", ins, attrs={"name": n.op})
+        elif n.op == "BiasAdd" and first and ir.get(first, {}).get("op") in ("conv", "dense") \
+                and "bias" not in ir[first]["params"] and var_of(n.inputs[1]):
+            ir[first]["params"]["bias"] = var_of(n.inputs[1])
+            alias[n.name] = first
+        elif n.op in ("MaxPool", "AvgPool"):
+            k = n.attrs.get("ksize") or [1, 1, 1, 1]
+            s = n.attrs.get("strides") or [1, 1, 1, 1]
+            pad = n.attrs.get("padding") or b"VALID"
+            attrs = {"pool": (k[1], k[2]), "stride": (s[1], s[2]),
+                     "padding": pad.decode().lower() if isinstance(pad, bytes) else "valid"}
+            if n.op == "AvgPool":
+                attrs["count_include_pad"] = False
+            emit(n.name, "maxpool" if n.op == "MaxPool" else "avgpool",
+                 [first] if first else [], attrs=attrs)
+        elif n.op in ("Mean", "Max") and len(n.inputs) == 2:
+            axes = const_ints(n.inputs[1])
+            if axes is not None and sorted(a % 4 for a in axes) == [1, 2]:
+                emit(n.name, "gap" if n.op == "Mean" else "gmp", [first] if first else [],
+                     attrs={"keepdims": bool(n.attrs.get("keep_dims", False))})
+            else:
+                emit(n.name, "other", ins, attrs={"name": n.op})
+        elif n.op in ("ConcatV2", "Concat"):
+            axis_in = n.inputs[-1] if n.op == "ConcatV2" else n.inputs[0]
+            axis = const_ints(axis_in)
+            tens = [s for s in (src(i) for i in n.inputs) if s]
+            if axis and len(axis) == 1:
+                emit(n.name, "concat", tens, attrs={"axis": axis[0]})
+            else:
+                emit(n.name, "other", tens, attrs={"name": n.op})
+        elif n.op in _SIMPLE:
+            op = _SIMPLE[n.op]
+            tens = ins if op in ("add", "mul") else ([first] if first else ins)
+            if op in ("add", "mul") and len(tens) != 2:
+                emit(n.name, "other", ins, attrs={"name": n.op})
+                continue
+            attrs = {"name": n.op.lower()} if op == "activation" else {}
+            if op == "softmax":
+                attrs = {"axis": -1}
+            if op == "leaky_relu":
+                alpha = n.attrs.get("alpha")
+                attrs = {"alpha": float(alpha) if isinstance(alpha, float) else 0.2}
+            if op == "pad":
+                op, attrs = "other", {"name": "Pad"}
+            emit(n.name, op, tens, attrs=attrs)
+        else:
+            emit(n.name, "other", ins, attrs={"name": n.op})
+    nodes = tuple(Node(name, ir[name]["op"], tuple(ir[name]["inputs"]), ir[name]["params"],
+                       ir[name]["attrs"]) for name in out)
+    return Graph(nodes, source=source, layout="nhwc", kernel_layout="hwio")
+
+
+def _toposort(nodes: list[TFNode], by: dict[str, TFNode]) -> list[TFNode]:
+    """Kahn's order over data inputs (a GraphDef need not be sorted); cycles (while
+    loops) keep file order for the rest."""
+    indeg = {n.name: 0 for n in nodes}
+    users: dict[str, list[str]] = {}
+    for n in nodes:
+        for i in n.inputs:
+            b = _base(i)[0]
+            if b in by and b != n.name:
+                indeg[n.name] += 1
+                users.setdefault(b, []).append(n.name)
+    ready = [n.name for n in nodes if indeg[n.name] == 0]
+    out: list[TFNode] = []
+    done: set[str] = set()
+    while ready:
+        name = ready.pop()
+        out.append(by[name])
+        done.add(name)
+        for u in users.get(name, []):
+            indeg[u] -= 1
+            if indeg[u] == 0:
+                ready.append(u)
+    out.extend(n for n in nodes if n.name not in done)
+    return out
