@@ -291,3 +291,57 @@ def _toposort(nodes: list[TFNode], by: dict[str, TFNode]) -> list[TFNode]:
                 ready.append(u)
     out.extend(n for n in nodes if n.name not in done)
     return out
+
+
+# -- SavedModel ------------------------------------------------------------------------------
+
+_KERAS_MODEL_IDS = ("_tf_keras_model", "_tf_keras_network", "_tf_keras_sequential")
+
+
+def keras_config_from_metadata(raw: bytes, where: str) -> dict[str, Any] | None:
+    """The Keras model config in a ``keras_metadata.pb`` (SavedMetadata: field 1 nodes,
+    each SavedObject with 3 node_path, 4 identifier, 5 metadata JSON)."""
+    import json
+    for node in pw.get_messages(pw.parse(raw, where), 1, where):
+        if pw.get_str(node, 3, where) != "root" or \
+                pw.get_str(node, 4, where) not in _KERAS_MODEL_IDS:
+            continue
+        try:
+            meta = json.loads(pw.get_str(node, 5, where))
+        except ValueError:
+            raise CheckpointError(where, "keras_metadata.pb: root metadata is not JSON"
+                                  ) from None
+        if isinstance(meta, dict) and isinstance(meta.get("config"), dict):
+            return _untuple({"class_name": meta.get("class_name"), "config": meta["config"]})
+    return None
+
+
+def _untuple(v: Any, depth: int = 0) -> Any:
+    """SavedModel metadata writes tuples as ``{"class_name": "__tuple__", "items": [...]}``;
+    the Keras config translator expects plain lists, as in ``.h5`` configs."""
+    if depth > 200:
+        raise CheckpointError("keras_metadata.pb", "model config nests too deeply", "too_large")
+    if isinstance(v, dict):
+        if v.get("class_name") == "__tuple__" and isinstance(v.get("items"), list):
+            return [_untuple(x, depth + 1) for x in v["items"]]
+        return {k: _untuple(x, depth + 1) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_untuple(x, depth + 1) for x in v]
+    return v
+
+
+def graph_from_saved_model(folder: str) -> Graph | dict[str, Any] | None:
+    """A SavedModel folder's graph: the Keras model config dict when ``keras_metadata.pb``
+    carries one (translate it with ``keras_ir``), else None (the FunctionDef translation
+    of ``saved_model.pb`` is not implemented yet)."""
+    meta = os.path.join(folder, "keras_metadata.pb")
+    if os.path.isfile(meta):
+        try:
+            with open(meta, "rb") as fh:
+                raw = fh.read(MAX_META + 1)
+        except OSError as exc:
+            raise CheckpointError(meta, f"cannot read: {exc.strerror}", "io") from None
+        if len(raw) > MAX_META:
+            raise CheckpointError(meta, "keras_metadata.pb is too large", "too_large")
+        return keras_config_from_metadata(raw, meta)
+    return None
