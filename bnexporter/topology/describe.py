@@ -144,7 +144,7 @@ def describe(factory_spec: str, args: list[str] | None = None,
         if shape:
             graph = Graph(graph.nodes, graph.source, graph.layout, graph.kernel_layout,
                           tuple(shape))
-    except Exception:  # noqa: BLE001 - dynamic control flow: fall back to hooks
+    except Exception:
         graph = _from_hooks(torch, model, tuple(shape or (3, 224, 224)))
     write_graph_json(graph, out)
     return graph

@@ -132,7 +132,8 @@ def _base(inp: str) -> tuple[str, int]:
     return name, int(idx) if idx.isdigit() else 0
 
 
-def graph_from_graph_def(tf_nodes: list[TFNode], source: str = "graph:tf") -> Graph:
+def graph_from_graph_def(tf_nodes: list[TFNode], source: str = "graph:tf"  # noqa: C901
+                         ) -> Graph:
     by = {n.name: n for n in tf_nodes}
 
     def var_of(inp: str, depth: int = 0) -> str | None:
@@ -202,7 +203,7 @@ def graph_from_graph_def(tf_nodes: list[TFNode], source: str = "graph:tf") -> Gr
             strides = n.attrs.get("strides") or [1, 1, 1, 1]
             dil = n.attrs.get("dilations") or [1, 1, 1, 1]
             pad = n.attrs.get("padding") or b"VALID"
-            attrs = {"stride": (strides[1], strides[2]) if len(strides) == 4 else (1, 1),
+            attrs: dict[str, Any] = {"stride": (strides[1], strides[2]) if len(strides) == 4 else (1, 1),
                      "dilation": (dil[1], dil[2]) if len(dil) == 4 else (1, 1),
                      "padding": pad.decode().lower() if isinstance(pad, bytes) else "valid",
                      "groups": 1}

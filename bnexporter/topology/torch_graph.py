@@ -222,7 +222,7 @@ def _export_ir(doc: dict[str, Any]) -> Graph:
         op = m.group(1) if m else target
         result = _torch_op(b, op, pos, args, hint=out_names[0] if out_names else op)
         if target in ("_operator.getitem", "getitem"):
-            src, idx = (pos + [None, None])[:2]
+            src, idx = [*pos, None, None][:2]
             result = src if idx == 0 and isinstance(src, tuple) and src[0] == "node" \
                 else ("unknown", "getitem")
         for i, n in enumerate(out_names):
@@ -257,6 +257,16 @@ def _key(v: Any) -> str | None:
     return v[1] if isinstance(v, tuple) and len(v) == 2 and v[0] == "param" else None
 
 
+def _roles(pairs: tuple[tuple[str, Any], ...]) -> dict[str, str]:
+    """role -> state_dict key for the arguments that are checkpoint tensors."""
+    out: dict[str, str] = {}
+    for role, v in pairs:
+        k = _key(v)
+        if k:
+            out[role] = k
+    return out
+
+
 def _get(pos: list[Any], args: dict[str, Any], i: int, name: str, default: Any = None) -> Any:
     if name in args:
         return args[name]
@@ -288,9 +298,7 @@ def _torch_op(b: _Builder, op: str, pos: list[Any], args: dict[str, Any], hint: 
             groups = _get(pos, args, 8, "groups", 1)
         else:
             groups = _get(pos, args, 6, "groups", 1)
-        params = {"kernel": _key(w)} if _key(w) else {}
-        if _key(bias):
-            params["bias"] = _key(bias)
+        params = _roles((("kernel", w), ("bias", bias)))
         attrs = _conv_attrs(stride, padding, dilation, groups)
         if op == "conv1d":
             attrs.update(rank=1)
@@ -313,8 +321,7 @@ def _torch_op(b: _Builder, op: str, pos: list[Any], args: dict[str, Any], hint: 
             w, bias = _get(pos, args, 1, "weight"), _get(pos, args, 2, "bias")
             mean, var = _get(pos, args, 3, "running_mean"), _get(pos, args, 4, "running_var")
             eps = _get(pos, args, 7, "eps", 1e-5)
-        params = {r: _key(v) for r, v in (("gamma", w), ("beta", bias), ("mean", mean),
-                                           ("var", var)) if _key(v)}
+        params = _roles((("gamma", w), ("beta", bias), ("mean", mean), ("var", var)))
         eps_v = float(eps) if isinstance(eps, (int, float)) and not isinstance(eps, bool) \
             else 1e-5
         name = b.add(_param_module(params) or hint, "bn", tuple(xs), params, {"eps": eps_v})
@@ -322,10 +329,8 @@ def _torch_op(b: _Builder, op: str, pos: list[Any], args: dict[str, Any], hint: 
     if op in ("linear", "addmm", "matmul", "mm"):
         if op == "linear":
             w, bias = _get(pos, args, 1, "weight"), _get(pos, args, 2, "bias")
-            params = {"kernel": _key(w)} if _key(w) else {}
-            if _key(bias):
-                params["bias"] = _key(bias)
-            if params:
+            params = _roles((("kernel", w), ("bias", bias)))
+            if "kernel" in params:
                 return ("node", b.add(_param_module(params) or hint, "dense", tuple(xs), params))
         return _other(b, op, pos, args, hint)
     if op in _ACTS:
@@ -366,7 +371,7 @@ def _torch_op(b: _Builder, op: str, pos: list[Any], args: dict[str, Any], hint: 
         padding = _get(pos, args, 3, "padding", 0)
         ph, pw = _pair(padding, 0)
         kind = "avgpool" if op == "avg_pool2d" else "maxpool"
-        attrs: dict[str, Any] = {"pool": _pair(k), "stride": _pair(stride),
+        attrs = {"pool": _pair(k), "stride": _pair(stride),
                                  "padding": (ph, ph, pw, pw)}
         return ("node", b.add(hint, kind, tuple(xs), attrs=attrs))
     if op in ("adaptive_avg_pool2d", "_adaptive_avg_pool2d", "adaptive_max_pool2d"):
@@ -752,7 +757,7 @@ def _none_attrs(pkl: bytes | None) -> set[str] | None:
             if n > 2_000_000 or (opcode.name in ("LONG_BINPUT", "LONG_BINGET", "PUT", "GET")
                                  and isinstance(arg, int) and arg > (1 << 20)):
                 return None
-    except Exception:  # noqa: BLE001 - torn pickle
+    except Exception:
         return None
 
     class _Inert(pickle.Unpickler):
@@ -763,7 +768,7 @@ def _none_attrs(pkl: bytes | None) -> set[str] | None:
             return None
     try:
         root = _Inert(io.BytesIO(pkl), encoding="latin1").load()
-    except Exception:  # noqa: BLE001 - fall back to the class declarations
+    except Exception:
         return None
     out: set[str] = set()
     stack: list[tuple[Any, str, int]] = [(root, "", 0)]
@@ -804,7 +809,7 @@ def _torchscript_root(pkl: bytes | None, classes: dict[str, _Class]) -> str | No
                         return cand
                 if len(strings) > 64:
                     strings = strings[-2:]
-        except Exception:  # noqa: BLE001 - a torn pickle: fall back to the class graph
+        except Exception:
             pass
     used = {t for c in classes.values() for t in c.attrs.values()}
     tops = [q for q, c in classes.items() if q not in used and "forward" in c.methods]
@@ -867,7 +872,7 @@ def _build_tree(obj: Any, path: str = "", depth: int = 0) -> TorchModule | None:
               "stride", "padding", "dilation", "kernel_size", "output_size", "start_dim",
               "num_features", "affine", "track_running_stats", "in_features", "out_features"):
         v = st.get(k)
-        if isinstance(v, (int, float, str, tuple, list)) or v is None and k in st:
+        if isinstance(v, (int, float, str, tuple, list)) or (v is None and k in st):
             mod.attrs[k] = v
     eps = st.get("eps")
     if isinstance(eps, float) and not isinstance(eps, bool):
@@ -1030,14 +1035,15 @@ class _TreeIR:
 
 def _basic_block(t: _TreeIR, m: TorchModule, src: str | None) -> str | None:
     need = ["conv1", "bn1", "relu", "conv2", "bn2"]
-    if any(m.child(a) is None for a in need):
-        return None
     c = {a: m.child(a) for a in need}
-    x = t.run(c["conv1"], src)
-    x = t.run(c["bn1"], x)
-    x = t.run(c["relu"], x)
-    x = t.run(c["conv2"], x)
-    x = t.run(c["bn2"], x)
+    kids = {a: v for a, v in c.items() if v is not None}
+    if len(kids) != len(need):
+        return None
+    x = t.run(kids["conv1"], src)
+    x = t.run(kids["bn1"], x)
+    x = t.run(kids["relu"], x)
+    x = t.run(kids["conv2"], x)
+    x = t.run(kids["bn2"], x)
     ds = m.child("downsample")
     ident = t.run(ds, src) if ds is not None else src
     add = t.b.add(f"{m.path}/add", "add", tuple(i for i in (x, ident) if i))
