@@ -203,7 +203,8 @@ def graph_from_graph_def(tf_nodes: list[TFNode], source: str = "graph:tf"  # noq
             strides = n.attrs.get("strides") or [1, 1, 1, 1]
             dil = n.attrs.get("dilations") or [1, 1, 1, 1]
             pad = n.attrs.get("padding") or b"VALID"
-            attrs: dict[str, Any] = {"stride": (strides[1], strides[2]) if len(strides) == 4 else (1, 1),
+            attrs: dict[str, Any] = {
+                     "stride": (strides[1], strides[2]) if len(strides) == 4 else (1, 1),
                      "dilation": (dil[1], dil[2]) if len(dil) == 4 else (1, 1),
                      "padding": pad.decode().lower() if isinstance(pad, bytes) else "valid",
                      "groups": 1}
