@@ -6,12 +6,13 @@ import os
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from bnexporter.detection.analysis import TensorScan, Thresholds, classify_channels
 from bnexporter.detection.discovery import BNLayer, discover
+from bnexporter.detection.extremes import bn_role_map, judge, never_updated_layers, role_of
 from bnexporter.detection.links import Link, find_links
 from bnexporter.detection.refine import (
     BNParams,
@@ -50,7 +51,9 @@ def analyse_path(path: str, opts: ScanOptions | None = None,
     opts = opts or ScanOptions()
     started = time.perf_counter()
     try:
-        st = os.stat(path)
+        # a TF checkpoint prefix (what tf.train.latest_checkpoint() returns) is no file
+        st = os.stat(path + ".index" if not os.path.lexists(path)
+                     and os.path.isfile(path + ".index") else path)
     except OSError as exc:
         return failed(path, f"{printable(path)}: cannot stat: {exc.strerror}", "io")
     try:
@@ -86,8 +89,9 @@ def _analyse(reader: Reader, opts: ScanOptions, progress: Progress | None) -> Ch
     total = sum(i.size * dtypes.itemsize(i.dtype) for i in infos)
     done = 0
     tensors: list[TensorReport] = []
+    roles = bn_role_map(layers)
     for info in infos:
-        tensors.append(_scan_tensor(reader, info, th, opts.chunk_elements))
+        tensors.append(_scan_tensor(reader, info, th, opts.chunk_elements, roles))
         done += info.size * dtypes.itemsize(info.dtype)
         if progress:
             progress(done, total)
@@ -95,6 +99,10 @@ def _analyse(reader: Reader, opts: ScanOptions, progress: Progress | None) -> Ch
     step = step_from_name(reader.path, opts.step_regex) if opts.step_regex else None
     if step is None:
         step = reader.meta.step if reader.meta.step is not None else step_from_name(reader.path)
+    stale = never_updated_layers(reader, layers, step)
+    if stale:
+        layer_reports = [replace(r, never_updated=True) if r.name in stale else r
+                         for r in layer_reports]
     return CheckpointReport(
         path=reader.path, format=reader.format, step=step, error=None,
         summary=Summary.build(layer_reports, tensors, nonfinite),
@@ -134,7 +142,8 @@ def _out_axis(reader: Reader, info: TensorInfo) -> int | None:
     return -1 if reader.meta.framework in ("keras", "tf") else 0
 
 
-def _scan_tensor(reader: Reader, info: TensorInfo, th: Thresholds, chunk: int) -> TensorReport:
+def _scan_tensor(reader: Reader, info: TensorInfo, th: Thresholds, chunk: int,
+                 roles: dict[str, str] | None = None) -> TensorReport:
     axis = _out_axis(reader, info)
     shape = info.shape
     if axis == -1 and len(shape) == 4 and shape[-1] == 1:  # depthwise (kh, kw, in, 1)
@@ -144,12 +153,18 @@ def _scan_tensor(reader: Reader, info: TensorInfo, th: Thresholds, chunk: int) -
     for start, part in reader.iter_chunks(info.name, chunk, scan.align):
         scan.update(start, part)
     st = scan.result()
-    if info.name in reader.meta.auxiliary:
+    auxiliary = info.name in reader.meta.auxiliary
+    is_kernel = (len(info.shape) >= 2 and bool(_KERNEL_NAME.search(info.name))
+                 and "embed" not in info.name.lower())
+    role = role_of(info.name, roles or {}, is_kernel, auxiliary, info.dtype)
+    verdict = judge(st, role, info.dtype, th)
+    kind, detail = verdict if verdict else (None, None)
+    if auxiliary:
         # optimizer moments are tiny by nature: only non-finite values mean trouble there
         return TensorReport(info.name, list(info.shape), info.dtype, st.nonfinite, 0, 0,
-                            st.zero, st.max_abs, None)
+                            st.zero, st.max_abs, None, role, kind, detail)
     return TensorReport(info.name, list(info.shape), info.dtype, st.nonfinite, st.huge,
-                        st.tiny, st.zero, st.max_abs, st.dead_filters)
+                        st.tiny, st.zero, st.max_abs, st.dead_filters, role, kind, detail)
 
 
 def refine_layers(reader: Reader, layers: list[BNLayer],

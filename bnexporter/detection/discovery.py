@@ -54,7 +54,7 @@ def discover(reader: Reader, rules: ConsumerRules | None = None,
     contexts = bn_contexts(found.graph) if found is not None and found.graph else {}
     groups = _k3_groups(reader, graph) if reader.format == "keras3-weights-h5" or (
         reader.format == "keras" and any(_K3_VARS.match(n) for n in reader.names())
-    ) else _suffix_groups(reader)
+    ) else _suffix_groups(reader, graph)
     rules = rules or ConsumerRules()
     preset, prefix = rules.resolve_preset(list(groups)) if meta.framework == "torch" \
         else (None, "")
@@ -84,8 +84,12 @@ def discover(reader: Reader, rules: ConsumerRules | None = None,
         ctx = contexts.get(mean)
         if consumer is None and graph is not None and spec is not None:
             consumer, source = graph.consumer(name), config_source
-        elif consumer is None and ctx is not None and found is not None:
+        elif consumer is None and ctx is not None and found is not None \
+                and ctx.consumer != "unknown":
             consumer, source = ctx.consumer, found.source
+        elif consumer is None and ctx is not None and found is not None and ctx.after_activation:
+            # the graph shows Conv -> ReLU -> BN; what follows is not named: not a ReLU
+            consumer, source = "other", f"{found.source}+inferred:post-activation"
         if ctx is not None and ctx.producer is not None and found is not None:
             producer, producer_source = ctx.producer, found.source
         if consumer is None:
@@ -113,7 +117,27 @@ def _same_shape(reader: Reader, name: str | None, shape: tuple[int, ...]) -> boo
     return name is not None and reader.info(name).shape == shape
 
 
-def _suffix_groups(reader: Reader) -> dict[str, dict[str, str]]:
+def _keras_layer(path: str, graph: KerasGraph | None) -> str:
+    """The layer a Keras 2 weight belongs to, from ``[model/]group/[scope/]var``.
+
+    The weight's own scope is usually the layer name, but TF name scopes add
+    suffixes (``bn1/bn1_1/gamma``: a model built twice in one process, Keras <=
+    2.2), so the config's layer names decide when there is a config.
+    """
+    parts = path.split("/")
+    if graph is not None:
+        for part in reversed(parts):
+            spec = graph.layers.get(part)
+            if spec is not None and "BatchNormalization" in spec.class_name:
+                return part
+    leaf = parts[-1]
+    if len(parts) >= 2 and re.fullmatch(re.escape(parts[-2]) + r"_\d+", leaf):
+        return parts[-2]
+    return leaf
+
+
+def _suffix_groups(reader: Reader, graph: KerasGraph | None = None
+                   ) -> dict[str, dict[str, str]]:
     """Group ``<layer>.running_mean`` / ``<layer>/moving_mean`` style names."""
     groups: dict[str, dict[str, str]] = {}
     for name in reader.names():
@@ -125,7 +149,7 @@ def _suffix_groups(reader: Reader) -> dict[str, dict[str, str]]:
         prefix, role = m.group(1), _ROLES[m.group(2)]
         if reader.meta.framework == "keras":
             # Keras weight names are "<layer>/<var>", inside a nested model group too
-            prefix = prefix.rsplit("/", 1)[-1]
+            prefix = _keras_layer(prefix, graph)
         groups.setdefault(prefix, {})[role] = name
     return groups
 

@@ -12,6 +12,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -135,6 +136,16 @@ def _strip_suffix(name: str) -> str:
     return name[:-2] if name.endswith(":0") else name
 
 
+def _scoped(layer: str, name: str) -> str:
+    """``bn1_1/gamma`` in group ``bn1`` -> ``bn1/gamma``: TF name scopes add ``_N``
+    to a layer's weights when a model is built twice in one process (Keras <= 2.2
+    files); the group is the layer."""
+    head, sep, rest = name.partition("/")
+    if sep and head != layer and re.fullmatch(re.escape(layer) + r"_\d+", head):
+        return f"{layer}/{rest}"
+    return name
+
+
 class KerasH5Reader(Reader):
     """Keras 2 layouts (``layer_names`` / ``weight_names``) and Keras 3 ``layers/*/vars``."""
 
@@ -241,7 +252,7 @@ class KerasH5Reader(Reader):
             if not isinstance(sub, h5py.Group):
                 continue
             for wname in _name_list(sub.attrs, "weight_names"):
-                name = _strip_suffix(wname)
+                name = _scoped(layer, _strip_suffix(wname))
                 if name in self._infos or name in self._pending:
                     name = f"{layer}/{name}"
                 # opened on first use: a BN-only scan never touches the other datasets

@@ -354,6 +354,9 @@ def resolve_prefix(path: str) -> str:
         return path[: -len(".index")]
     if _DATA_RE.search(path):
         return _DATA_RE.sub("", path)
+    saved = os.path.join(path, "variables", "variables")
+    if os.path.isdir(path) and os.path.isfile(saved + ".index"):
+        return saved  # a SavedModel folder: its variables bundle
     if os.path.isdir(path) or os.path.basename(path) == "checkpoint":
         folder = path if os.path.isdir(path) else os.path.dirname(path) or "."
         prefix = newest_prefix(folder)
@@ -750,7 +753,8 @@ def is_bundle_path(path: str) -> bool:
     if _SHARD.search(path):
         return True
     if os.path.isdir(path):
-        return os.path.isfile(os.path.join(path, "checkpoint"))
+        return os.path.isfile(os.path.join(path, "checkpoint")) or os.path.isfile(
+            os.path.join(path, "variables", "variables.index"))
     return not os.path.exists(path) and os.path.isfile(path + ".index")
 
 

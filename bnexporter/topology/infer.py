@@ -18,11 +18,21 @@ used, each labelled in ``consumer_source``:
     A BN whose running means are all >= 0 over many channels normalises a
     rectified input (Conv -> ReLU -> BN, common in audio and older Keras code):
     it follows the activation, so its own consumer is taken not to be a ReLU.
+    The test tells a rectifier from the identity, not ReLU from SiLU or
+    hard-swish (a free scale absorbs their difference: measured on real nets of
+    both kinds). So it says ``relu`` only for networks without the marks of the
+    SiLU / hard-swish era (squeeze-excitation modules); elsewhere a rectifier
+    stays ``unknown`` and is never counted dead.
+``inferred:timm-efficientnet``
+    timm's EfficientNet / MobileNetV3 naming (``conv_stem``, ``blocks.i.j.bnK``,
+    ``conv_head``) puts the activation inside the norm layer: SiLU / hard-swish
+    after ``bn1`` (and ``bn2`` of inverted-residual blocks), none after the
+    block's last BN. Reported as ``silu`` / ``linear``: not ReLUs either way.
 ``inferred:residual-block``
     In a block with numbered BNs (``bn1, bn2[, bn3]`` or ``norm1..``) beside a
     shortcut BN (``downsample`` / ``shortcut`` / ``proj``) in it or a sibling
     block, the last numbered BN and the shortcut BN feed the residual Add.
-    Used only where the statistics did not decide.
+    Taken before the statistics, which cannot see a sum.
 
 Nothing here is a guess in the unsafe direction by design: an undecided BN
 stays ``unknown``, which is never counted as a dead ReLU.
@@ -43,11 +53,13 @@ from bnexporter.formats.base import Reader
 # acceptance of the downstream-mean test (relative residual of the fit)
 FIT_MAX = 0.4          # the best candidate must explain the mean this well ...
 MARGIN = 0.7           # ... and its residual be below this times every other family's
-SMOOTH_MARGIN = 0.5    # SiLU / hard-swish must beat the ReLU family by more (they look alike)
 SCALE_RANGE = (0.3, 1.6)  # padding shrinks a conv's mean; other scales mean a wrong pairing
 MIN_CHANNELS = 8       # fewer channels cannot tell the candidates apart
 POST_ACT_MIN = 16      # channels needed before "all means >= 0" is evidence
 
+_SE = re.compile(r"(^|[._/])(se|squeeze|excite|excitation|conv_reduce|conv_expand|"
+                 r"se_reduce|se_expand)([._/]|$)", re.I)
+_SE_FC = re.compile(r"(^|[._/])fc[12][._/](weight|kernel)")  # torchvision's SE convs
 _SHORTCUT = re.compile(r"(^|[._/])(downsample|shortcut|proj|skip|residual)([._/]|$)", re.I)
 _NUMBERED = re.compile(r"^(bn|norm|n|batchnorm|batch_norm)(\d+)$", re.I)
 _GH_X, _GH_W = np.polynomial.hermite_e.hermegauss(48)
@@ -163,8 +175,9 @@ def expectations(beta: np.ndarray, s: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
-_FAMILY = {"linear": "linear", "relu": "relu", "relu6": "relu", "silu": "silu",
-           "hardswish": "hardswish"}
+# ReLU, ReLU6, SiLU and hard-swish rectify alike as far as a mean can tell
+_FAMILY = {"linear": "linear", "relu": "rectifier", "relu6": "rectifier", "silu": "rectifier",
+           "hardswish": "rectifier"}
 
 
 def _kernel_sum(w: np.ndarray, channels: int) -> tuple[np.ndarray, bool] | None:
@@ -223,11 +236,8 @@ def downstream_test(reader: Reader, bn: BNRef, kernel: str, bias: str | None,
         return None
     if others and err > MARGIN * min(others):
         return None
-    relu_err = min(errs.get("relu", (math.inf, 0.0))[0], errs.get("relu6", (math.inf, 0.0))[0])
-    if _FAMILY[best] in ("silu", "hardswish") and err > SMOOTH_MARGIN * relu_err:
-        return None
-    if best == "relu6" and errs["relu6"][0] > 0.8 * errs["relu"][0]:
-        best = "relu"  # not clearly ReLU6: report the family, no saturation claims
+    if _FAMILY[best] != "linear":
+        best = "rectifier"  # ReLU, ReLU6, SiLU and hard-swish fit alike; the caller decides
     return best, f"fit {err:.3f} (scale {alpha:.2f}) via {kernel}"
 
 
@@ -238,6 +248,31 @@ def _post_activation(reader: Reader, bn: BNRef) -> bool:
     var = np.asarray(reader.read(bn.var), np.float64)
     return bool(np.isfinite(mean).all() and (mean >= 0).all() and (var > 0).all()
                 and (mean > 0).mean() > 0.9)
+
+
+def _timm_efficientnet(names: list[str], unknown: set[str]) -> dict[str, Inferred]:
+    """timm EfficientNet / MobileNetV3 names: activation inside the norm layer."""
+    if "bn1" not in names or not any(re.match(r"^blocks\.\d+\.\d+\.bn1$", n) for n in names):
+        return {}
+    blocks: dict[str, set[str]] = {}
+    for n in names:
+        m = re.match(r"^(blocks\.\d+\.\d+)\.(bn\d)$", n)
+        if m:
+            blocks.setdefault(m.group(1), set()).add(m.group(2))
+    src = "inferred:timm-efficientnet"
+    out: dict[str, Inferred] = {}
+    for n in names:
+        if n not in unknown:
+            continue
+        if n in ("bn1", "bn2"):
+            out[n] = Inferred("silu", src)
+            continue
+        m = re.match(r"^(blocks\.\d+\.\d+)\.(bn\d)$", n)
+        if not m:
+            continue
+        last = max(blocks[m.group(1)])
+        out[n] = Inferred("linear" if m.group(2) == last else "silu", src)
+    return out
 
 
 def _residual(bns: Sequence[BNRef]) -> dict[str, str]:
@@ -271,6 +306,15 @@ def infer_consumers(reader: Reader, bns: Sequence[BNRef],
     out: dict[str, Inferred] = {}
     if not unknown:
         return out
+    out.update(_timm_efficientnet([b.name for b in bns], unknown))
+    unknown = unknown - set(out)
+    # names that say "this BN feeds the residual sum" beat the statistics, which
+    # cannot see a sum (the next conv reads the activation of the sum)
+    for name, kind in _residual([b for b in bns if b.name in unknown]).items():
+        out[name] = Inferred(kind, "inferred:residual-block")
+    unknown = unknown - set(out)
+    modern = any(_SE.search(n) or (_SE_FC.search(n) and len(reader.info(n).shape) == 4)
+                 for n in reader.names())
     by_name = {b.name: b for b in bns}
     mods = _modules(reader, bns)
     producer: dict[str, str] = {}
@@ -288,8 +332,9 @@ def infer_consumers(reader: Reader, bns: Sequence[BNRef],
                 verdict = downstream_test(reader, bn, k.kernel or "", k.bias, nxt)
             except (ValueError, KeyError, IndexError, FloatingPointError):
                 verdict = None
-            if verdict is not None:
-                out[bn.name] = Inferred(verdict[0], "inferred:downstream-mean",
+            if verdict is not None and (verdict[0] == "linear" or not modern):
+                kind = "relu" if verdict[0] == "rectifier" else verdict[0]
+                out[bn.name] = Inferred(kind, "inferred:downstream-mean",
                                         producer.get(bn.name), verdict[1])
                 continue
         try:
@@ -299,7 +344,4 @@ def infer_consumers(reader: Reader, bns: Sequence[BNRef],
         if post:
             out[bn.name] = Inferred("other", "inferred:post-activation", producer.get(bn.name),
                                     "running means all >= 0: the BN reads a rectified input")
-    for name, kind in _residual([b for b in bns if b.name in unknown]).items():
-        if name not in out:
-            out[name] = Inferred(kind, "inferred:residual-block", producer.get(name))
     return out

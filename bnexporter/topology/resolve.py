@@ -26,6 +26,7 @@ class BNContext:
     consumer: str
     producer: str | None       # kernel tensor of the conv / dense computing the BN input
     producer_node: str | None
+    after_activation: bool = False  # the BN normalises a ReLU's output (Conv -> ReLU -> BN)
 
 
 def _activation_kind(node: Node) -> str:
@@ -59,7 +60,7 @@ def _kind(node: Node) -> str:
 
 
 def consumer_kind(graph: Graph, name: str) -> str:
-    """relu / relu6 / add / linear / silu / hardswish / other for one node's output."""
+    """relu / relu6 / add / linear / silu / hardswish / other / unknown for one output."""
     nodes = graph.by_name()
     users = graph.consumers()
     kinds: set[str] = set()
@@ -76,7 +77,7 @@ def consumer_kind(graph: Graph, name: str) -> str:
         if node is None:
             kinds.add("other")
             continue
-        kind = _kind(node)
+        kind = "unknown" if node.op == "other" else _kind(node)  # an op the source could not name
         if kind == "through" and depth < _MAX_DEPTH:
             nxt = users.get(user, [])
             if not nxt:
@@ -84,6 +85,8 @@ def consumer_kind(graph: Graph, name: str) -> str:
             stack.extend((u, depth + 1) for u in nxt)
         else:
             kinds.add("other" if kind == "through" else kind)
+    if "unknown" in kinds:
+        return "unknown"
     if len(kinds) == 1:
         return kinds.pop()
     if kinds <= {"add", "linear"}:
@@ -115,8 +118,10 @@ def bn_contexts(graph: Graph) -> dict[str, BNContext]:
         if node.op != "bn" or "mean" not in node.params:
             continue
         prod = _producer(graph, node)
+        src = graph.by_name().get(node.inputs[0]) if len(node.inputs) == 1 else None
         out[node.params["mean"]] = BNContext(
             node.name, consumer_kind(graph, node.name),
             prod.params.get("kernel") if prod is not None else None,
-            prod.name if prod is not None else None)
+            prod.name if prod is not None else None,
+            src is not None and src.op in ("relu", "relu6"))
     return out

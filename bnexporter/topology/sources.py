@@ -61,7 +61,7 @@ def find(path: str, framework: str, notes: list[str]) -> Found | None:
     for finder in (_describe, _keras_sidecar, _tf_sources, _torch_sidecar):
         try:
             found = finder(path, folder, names, framework)
-        except (CheckpointError, OSError, ValueError, KeyError, TypeError, IndexError, ImportError,
+        except (CheckpointError, OSError, ValueError, KeyError, TypeError, IndexError,
                 RecursionError, UnicodeDecodeError) as exc:
             notes.append(f"graph source beside the checkpoint ignored: {exc}")
             continue
@@ -129,6 +129,10 @@ def _torch_sidecar(path: str, folder: str, names: list[str], framework: str) -> 
         return None
     from bnexporter.topology import torch_graph
 
+    if os.path.isfile(path):  # a whole pickled module (torch.save(model), {"model": m})
+        graph = torch_graph.graph_from_module_tree(path)
+        if graph is not None and any(n.op != "bn" for n in graph.nodes):
+            return Found("graph:module-tree", graph=graph)
     me = os.path.basename(path)
     for name in names:
         full = os.path.join(folder, name)
