@@ -27,7 +27,8 @@ def _family(kind: str) -> str:
 
 
 def evaluate(truth_path: str) -> dict[str, object]:
-    truth = json.load(open(truth_path))
+    with open(truth_path) as fh:
+        truth = json.load(fh)
     ckpt = truth_path[: -len(".graph.json")]
     if not os.path.exists(ckpt) and not os.path.exists(ckpt + ".index"):
         ckpt = os.path.join(os.path.dirname(truth_path), os.path.basename(truth["file"]))

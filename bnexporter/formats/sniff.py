@@ -48,6 +48,11 @@ def _format(path: str) -> Format:
             return fmt
     head = probe.head
     if probe.is_zip:
+        if any(n.endswith("serialized_exported_program.json") or "/models/" in n
+               for n in probe.members()):
+            raise CheckpointError(path, "torch.export archive: used as the graph of the "
+                                  "state_dicts beside it; its weights are not read",
+                                  "unsupported")
         raise CheckpointError(path, "zip archive is neither a .keras, torch nor .npz file",
                               "unsupported")
     if head[:3] == b"PK\x05" or head[:4] == b"PK\x07\x08":

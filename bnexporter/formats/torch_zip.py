@@ -204,8 +204,9 @@ class TorchZipReader(TorchReaderBase):
         self._entries = zipmember.read_directory(f)
         kind = looks_like_members(self._entries)
         if kind == "torchscript":
-            raise self.error("TorchScript archives are not supported (save a state_dict "
-                             "instead)", "unsupported")
+            raise self.error("TorchScript archive: used as the graph of the state_dicts "
+                             "beside it; its weights are not read (save a state_dict)",
+                             "unsupported")
         if kind != "torch":
             raise self.error("zip archive has no <root>/data.pkl: not a torch checkpoint",
                              "unsupported")
