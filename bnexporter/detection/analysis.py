@@ -28,6 +28,11 @@ class Thresholds:
     constant_rel: float = 1e-3    # output std below this times |beta|: input-independent
     extreme: float = 1e5          # |w| > T huge, 0 < |w| < 1/T tiny (capped per dtype)
     dead_filter_rel: float = 1e-6  # filter norm below this times the median norm: dead
+    # role-aware tensor anomalies (extremes.py, docs/extremes.md)
+    extreme_deep: float = 1e-25   # 0 < |w| below this: no healthy tail value goes there
+    extreme_alpha: float = 1e-7   # Poisson tail probability of "far above expectation"
+    extreme_slack: float = 4.0    # allowed density(0) / band-estimate factor
+    extreme_tiny_fraction: float = 0.25  # or this share of a kernel's values below 1/T
     refine: bool = True           # refine p_active from producer kernels (refine.py)
     refine_kernel_max: int = 1 << 22  # larger producer kernels keep the plain estimate
 
@@ -131,6 +136,15 @@ def indices(mask: np.ndarray | bool) -> list[int]:
 
 @dataclass(frozen=True)
 class TensorStats:
+    """One pass over a tensor, as plain counts (computable from bit patterns too).
+
+    ``huge``: |w| > huge limit; ``tiny``: 0 < |w| < tiny limit L (the seed's raw
+    counts); ``deep``: 0 < |w| < deep limit (a subset of ``tiny``; 0 for dtypes
+    without normal numbers that small); ``band1`` / ``band2``: L <= |w| < 10 L /
+    10 L <= |w| < 100 L (the density just above L, see extremes.py);
+    ``subnormal``: non-zero values below the dtype's smallest normal; ``negative``:
+    values < 0; ``min_abs`` / ``max_abs`` over the finite values.
+    """
     nonfinite: int
     huge: int
     tiny: int
@@ -138,6 +152,12 @@ class TensorStats:
     max_abs: float
     size: int
     dead_filters: list[int] | None = None
+    deep: int = 0
+    band1: int = 0
+    band2: int = 0
+    subnormal: int = 0
+    negative: int = 0
+    min_abs: float = 0.0
 
 
 def extreme_limits(dtype: str, extreme: float) -> tuple[float, float]:
@@ -150,6 +170,19 @@ def extreme_limits(dtype: str, extreme: float) -> tuple[float, float]:
         return extreme, 1.0 / extreme
     largest, smallest_normal = dtypes.finfo_limits(dtype)
     return min(extreme, largest / 8.0), max(1.0 / extreme, smallest_normal)
+
+
+def band_edges(dtype: str, th: Thresholds = Thresholds()) -> tuple[float, float, float, float]:
+    """(smallest normal, deep limit, tiny limit L, 100 L) for a dtype.
+
+    The deep band exists only where the dtype holds values far below L as normal
+    numbers (fp32, fp64, bf16); fp16 / fp8 get a deep limit of 0: their values
+    below L are subnormals, judged by the density test instead.
+    """
+    tiny = extreme_limits(dtype, th.extreme)[1]
+    smallest = dtypes.finfo_limits(dtype)[1] if dtypes.is_float(dtype) else 0.0
+    deep = th.extreme_deep if smallest < th.extreme_deep < tiny else 0.0
+    return smallest, deep, tiny, 100.0 * tiny
 
 
 class TensorScan:
@@ -165,8 +198,11 @@ class TensorScan:
                  out_axis: int | None = None):
         self.shape, self.dtype, self.th = shape, dtype, th
         self.huge_limit, self.tiny_limit = extreme_limits(dtype, th.extreme)
+        self.smallest, self.deep_limit, _, self.band_top = band_edges(dtype, th)
         self.nonfinite = self.huge = self.tiny = self.zero = 0
+        self.deep = self.band1 = self.band2 = self.subnormal = self.negative = 0
         self.max_abs = 0.0
+        self.min_abs = math.inf
         self.size = math.prod(shape)
         # an empty kernel may still declare a huge dimension (2**40, 0, 3, 3): no
         # per-filter sums then, or they alone would be allocated at that size
@@ -193,12 +229,15 @@ class TensorScan:
         if chunk.dtype.kind == "b":
             self.zero += int(chunk.size - np.count_nonzero(chunk))
             self.max_abs = max(self.max_abs, float(chunk.any()))
+            self.min_abs = min(self.min_abs, float(chunk.all()))
             return
         if chunk.dtype.kind in "iu":
             a = np.abs(chunk.astype(np.float64))
             self.zero += int(chunk.size - np.count_nonzero(chunk))
             self.huge += int(np.count_nonzero(a > self.huge_limit))
+            self.negative += int(np.count_nonzero(chunk < 0))
             self.max_abs = max(self.max_abs, float(a.max()))
+            self.min_abs = min(self.min_abs, float(a.min()))
             return
         chunk = chunk.astype(np.float32, copy=False)
         step = self.SLICE
@@ -219,11 +258,27 @@ class TensorScan:
             top = float(a.max())
             self.zero -= bad  # they are zeros now; do not count them as such
         self.max_abs = max(self.max_abs, top)
-        self.zero += int(a.size - np.count_nonzero(a))
+        zeros = int(a.size - np.count_nonzero(a))
+        self.zero += zeros
+        self.negative += int(np.count_nonzero(part < 0))
         if top > self.huge_limit:
             self.huge += int(np.count_nonzero(a > self.huge_limit))
-        self.tiny += int(np.count_nonzero(a < self.tiny_limit)) - int(
-            a.size - np.count_nonzero(a))
+        # the few values below 100 L, compacted once; every band count comes from them
+        low = a[a < self.band_top]
+        if zeros:
+            self.min_abs = 0.0
+        elif top > 0:
+            self.min_abs = min(self.min_abs, float(low.min()) if low.size else float(a.min()))
+        if low.size:
+            nz = low[low > 0] if zeros else low
+            below_l = int(np.count_nonzero(nz < self.tiny_limit))
+            below_10l = int(np.count_nonzero(nz < 10.0 * self.tiny_limit))
+            self.tiny += below_l
+            self.band1 += below_10l - below_l
+            self.band2 += int(nz.size) - below_10l
+            if self.deep_limit:
+                self.deep += int(np.count_nonzero(nz < self.deep_limit))
+            self.subnormal += int(np.count_nonzero(nz < self.smallest))
         if self.sumsq is not None:
             if self.out_axis == -1:
                 a2 = a.reshape(-1, self.filters)
@@ -242,7 +297,9 @@ class TensorScan:
             dead = [int(i) for i in np.flatnonzero(norms <= self.th.dead_filter_rel * median)] \
                 if median > 0 else []
         return TensorStats(self.nonfinite, self.huge, self.tiny, self.zero, self.max_abs,
-                           self.size, dead)
+                           self.size, dead, deep=self.deep, band1=self.band1,
+                           band2=self.band2, subnormal=self.subnormal, negative=self.negative,
+                           min_abs=self.min_abs if math.isfinite(self.min_abs) else 0.0)
 
 
 def scan_chunks(shape: tuple[int, ...], dtype: str, chunks: Iterable[tuple[int, np.ndarray]],

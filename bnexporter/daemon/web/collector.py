@@ -92,7 +92,13 @@ def model_families(models: list[ModelView]) -> list[Metric]:
                        "collapsed gamma or is dead.", m)
     nonfinite = _gauge("model_nonfinite_values", "NaN/Inf values over all scanned tensors.", m)
     extreme = _gauge("model_extreme_tensors", "Tensors with any huge, tiny or non-finite "
-                     "value.", m)
+                     "value by the seed's raw rule (|w| > T or 0 < |w| < 1/T); informational, "
+                     "fires on healthy models: alert on model_anomalous_tensors.", m)
+    anomalous = _gauge("model_anomalous_tensors", "Tensors with an anomaly by the role-aware "
+                       "rule (non-finite, huge, deep-tiny, tiny excess, zeroed, constant, zero "
+                       "filter, seed dead-input statistics); 0 on healthy models.", m)
+    never_updated = _gauge("model_never_updated_layers", "BN layers still exactly at their "
+                           "initial values (gamma 1, beta 0, mean 0, var 1) past step 0.", m)
     dead_filters = _gauge("model_dead_filters", "Conv/dense output filters with ~zero norm.", m)
     step = _gauge("model_checkpoint_step", "Training step of the analysed checkpoint.", m)
     mtime = _gauge("model_checkpoint_timestamp_seconds", "Modification time of the analysed "
@@ -109,7 +115,11 @@ def model_families(models: list[ModelView]) -> list[Metric]:
                                "readable, by reason (each file counts once).",
                                labels=["model", "reason"])
     t_nonfinite = _gauge("tensor_nonfinite_ratio", "NaN/Inf values / values (opt-in).", t)
-    t_extreme = _gauge("tensor_extreme_ratio", "Huge or tiny values / values (opt-in).", t)
+    t_extreme = _gauge("tensor_extreme_ratio", "Huge or tiny values / values, seed rule "
+                       "(opt-in).", t)
+    t_anomaly = _gauge("tensor_anomalous", "1 when the tensor is anomalous by the role-aware "
+                       "rule, else 0; kind = the anomaly or none (opt-in).",
+                       ["model", "tensor", "role", "kind"])
 
     for view in models:
         name = view.name
@@ -139,6 +149,8 @@ def model_families(models: list[ModelView]) -> list[Metric]:
         collapsed.add_metric([name], float(collapsed_layers(r)))
         nonfinite.add_metric([name], float(s.nonfinite))
         extreme.add_metric([name], float(s.extreme_tensors))
+        anomalous.add_metric([name], float(s.anomalous_tensors))
+        never_updated.add_metric([name], float(s.never_updated_layers))
         dead_filters.add_metric([name], float(s.dead_filters))
         if r.step is not None:
             step.add_metric([name], float(r.step))
@@ -154,8 +166,11 @@ def model_families(models: list[ModelView]) -> list[Metric]:
                 if size:
                     t_nonfinite.add_metric([name, tensor.name], tensor.nonfinite / size)
                     t_extreme.add_metric([name, tensor.name], (tensor.huge + tensor.tiny) / size)
-    return [*lf.values(), info, *mf.values(), collapsed, nonfinite, extreme, dead_filters, step,
-            mtime, analysed, duration, ck_info, up, errs, t_nonfinite, t_extreme]
+                t_anomaly.add_metric([name, tensor.name, tensor.role, tensor.anomaly or "none"],
+                                     1.0 if tensor.anomaly else 0.0)
+    return [*lf.values(), info, *mf.values(), collapsed, nonfinite, extreme, anomalous,
+            never_updated, dead_filters, step, mtime, analysed, duration, ck_info, up, errs,
+            t_nonfinite, t_extreme, t_anomaly]
 
 
 def exporter_families(s: Snapshot) -> list[Metric]:
