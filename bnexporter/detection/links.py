@@ -17,6 +17,8 @@ from collections.abc import Iterator, Mapping
 from bnexporter.detection.discovery import BNLayer
 from bnexporter.detection.wiring import Feed, Link
 from bnexporter.formats.base import Reader
+from bnexporter.topology import sources
+from bnexporter.topology.graph import Graph
 from bnexporter.topology.keras_graph import KerasGraph, LayerSpec
 
 _MAX_DEPTH = 24  # feed trees deeper than this (long residual chains) are dropped
@@ -27,11 +29,63 @@ def find_links(reader: Reader, layers: list[BNLayer]) -> dict[str, Link]:
     try:
         if reader.meta.model_config:
             return _keras_links(reader, layers, KerasGraph(reader.meta.model_config))
+        found = sources.find(reader.path, reader.meta.framework, [])
+        if found is not None and found.graph is not None:
+            return {**(_torch_links(reader, layers) if reader.meta.framework == "torch"
+                       else {}), **graph_links(found.graph, layers, reader)}
         if reader.meta.framework == "torch":
             return _torch_links(reader, layers)
     except (KeyError, ValueError, TypeError, IndexError):
         return {}
     return {}
+
+
+# -- any graph in the IR (torch.export, TorchScript, describe, TF1 .meta, ...) ---------
+
+def graph_links(graph: Graph, layers: list[BNLayer], reader: Reader) -> dict[str, Link]:
+    """Producer kernels and their feeds, read off a graph; only what the graph proves."""
+    nodes = graph.by_name()
+    by_mean = {layer.mean: layer for layer in layers}
+    bn_of_node = {n.name: by_mean[n.params["mean"]].name for n in graph.nodes
+                  if n.op == "bn" and n.params.get("mean") in by_mean}
+    layout = "torch" if graph.kernel_layout == "oihw" else "keras"
+    links: dict[str, Link] = {}
+
+    def feed(name: str, depth: int = 0) -> Feed | None:
+        node = nodes.get(name)
+        if node is None or depth > _MAX_DEPTH:
+            return None
+        if node.op == "bn":
+            return Feed("bn", bn_of_node[name]) if name in bn_of_node else None
+        if node.op in ("identity", "pad"):
+            return feed(node.inputs[0], depth + 1) if len(node.inputs) == 1 else None
+        if node.op in ("relu", "relu6", "maxpool") and len(node.inputs) == 1:
+            inner = feed(node.inputs[0], depth + 1)
+            return None if inner is None else Feed(node.op, None, (inner,))
+        if node.op == "add" and node.inputs:
+            args = [feed(i, depth + 1) for i in node.inputs]
+            return None if any(a is None for a in args) else Feed(
+                "add", None, tuple(a for a in args if a is not None))
+        return None
+
+    for node in graph.nodes:
+        if node.name not in bn_of_node or len(node.inputs) != 1:
+            continue
+        prod = nodes.get(node.inputs[0])
+        if prod is None or prod.op != "conv" or "kernel" not in prod.params:
+            continue
+        kernel = prod.params["kernel"]
+        if kernel not in reader.names():
+            continue
+        groups = int(prod.attrs.get("groups") or 1)
+        depthwise = bool(prod.attrs.get("depthwise"))
+        kind = layout if layout == "torch" else ("keras_dw" if depthwise else "keras")
+        bias = prod.params.get("bias")
+        src = feed(prod.inputs[0]) if len(prod.inputs) == 1 else None
+        name = bn_of_node[node.name]
+        links[name] = Link(name, kernel, kind, groups if src is not None else 0,
+                           bias if bias in reader.names() else None, src)
+    return links
 
 
 # -- Keras: follow the config graph ------------------------------------------------

@@ -11,6 +11,7 @@ imported or executed.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from bnexporter.topology.graph import Graph
 GRAPH_FILE = "bnexporter-graph.json"  # written by ``bnexporter describe``
 _KERAS_CONFIGS = ("config.json", "model.json", "model_config.json")
 _MAX_JSON = 64 << 20
+_SIDECARS = frozenset({GRAPH_FILE, *_KERAS_CONFIGS, "saved_model.pb", "keras_metadata.pb"})
 
 
 @dataclass(frozen=True)
@@ -52,12 +54,35 @@ def _folder(path: str) -> str:
 
 
 def find(path: str, framework: str, notes: list[str]) -> Found | None:
-    """The first graph source for the checkpoint at ``path``; problems become notes."""
+    """The first graph source for the checkpoint at ``path``; problems become notes.
+
+    Cached on the folder's listing and modification times, so discovery and the
+    link finder of one analysis (and the next checkpoint's) parse a sidecar once.
+    """
     folder = _folder(path)
     try:
-        names = sorted(os.listdir(folder))
+        names = tuple(sorted(os.listdir(folder)))
+        stamp = [os.stat(folder).st_mtime_ns]
+        for name in names:  # a sidecar rewritten in place leaves the folder's mtime alone
+            if name in _SIDECARS or name.endswith((".pt2", ".meta")):
+                st = os.stat(os.path.join(folder, name))
+                stamp += [st.st_mtime_ns, st.st_size]
     except OSError:
         return None
+    found, problems = _find_cached(path, framework, folder, names, tuple(stamp))
+    notes.extend(problems)
+    return found
+
+
+@functools.lru_cache(maxsize=16)
+def _find_cached(path: str, framework: str, folder: str, names: tuple[str, ...],
+                 stamp: tuple[int, ...]) -> tuple[Found | None, tuple[str, ...]]:
+    notes: list[str] = []
+    return _find(path, framework, folder, list(names), notes), tuple(notes)
+
+
+def _find(path: str, framework: str, folder: str, names: list[str],
+          notes: list[str]) -> Found | None:
     for finder in (_describe, _keras_sidecar, _tf_sources, _torch_sidecar):
         try:
             found = finder(path, folder, names, framework)

@@ -77,3 +77,23 @@ def test_text_report_never_says_graphless_when_a_graph_is_there(tmp_path):
                          capture_output=True, text=True, timeout=60).stdout
     assert "no graph" not in out and "unknown consumer" not in out
     assert "consumers known or inferred for 100% of BN layers" in out
+
+
+def test_graph_gives_exact_producer_feeds_for_the_refinement(tmp_path):
+    from bnexporter.detection.discovery import discover
+    from bnexporter.detection.links import find_links
+    from bnexporter.formats import open_reader
+    from bnexporter.scan import refine_layers
+
+    shutil.copy(os.path.join(GS, "resnetish_sd.pt"), tmp_path / "c.pt")
+    shutil.copy(os.path.join(GS, "resnetish.describe.graph.json"),
+                tmp_path / "bnexporter-graph.json")
+    with open_reader(str(tmp_path / "c.pt")) as reader:
+        layers = discover(reader)
+        links = find_links(reader, layers)
+        # the block after the first one reads relu(bn2 + shortcut): a sum the names hide
+        feed = links["layer1.1.bn1"].feed
+        assert feed is not None and feed.op == "relu" and feed.args[0].op == "add"
+        assert feed.bns() == {"layer1.0.bn2", "bn1"}
+        refined = refine_layers(reader, layers)
+        assert "layer1.1.bn1" in refined
