@@ -14,6 +14,7 @@ from bnexporter.detection.analysis import TensorScan, Thresholds, classify_chann
 from bnexporter.detection.discovery import BNLayer, discover
 from bnexporter.detection.extremes import bn_role_map, judge, never_updated_layers, role_of
 from bnexporter.detection.links import Link, find_links
+from bnexporter.detection.order import model_order
 from bnexporter.detection.refine import (
     BNParams,
     KernelStats,
@@ -77,6 +78,7 @@ def _analyse(reader: Reader, opts: ScanOptions, progress: Progress | None) -> Ch
         layers = discover(reader, opts.consumers, opts.eps)
     except (KeyError, ValueError, TypeError) as exc:
         raise reader.error(f"cannot group BatchNorm tensors: {exc}") from None
+    layers = model_order(layers, reader)  # the model's order, never alphabetical
     refined = _refine(reader, layers, th) if th.refine else {}
     layer_reports = [_analyse_layer(reader, layer, th, refined.get(layer.name))
                      for layer in layers]
