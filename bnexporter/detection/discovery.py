@@ -47,7 +47,8 @@ def discover(reader: Reader, rules: ConsumerRules | None = None,
              eps_override: float | None = None) -> list[BNLayer]:
     meta = reader.meta
     config_source = "config"
-    found = None if meta.model_config else sources.find(reader.path, meta.framework, meta.notes)
+    found = None if meta.model_config else sources.find(
+        reader.path, meta.framework, meta.notes, frozenset(reader.names()))
     if found is not None and found.keras_config is not None:
         meta.model_config, config_source = found.keras_config, found.source
     graph = KerasGraph(meta.model_config) if meta.model_config else None

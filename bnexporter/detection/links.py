@@ -29,7 +29,7 @@ def find_links(reader: Reader, layers: list[BNLayer]) -> dict[str, Link]:
     try:
         if reader.meta.model_config:
             return _keras_links(reader, layers, KerasGraph(reader.meta.model_config))
-        found = sources.find(reader.path, reader.meta.framework, [])
+        found = sources.find(reader.path, reader.meta.framework, [], frozenset(reader.names()))
         if found is not None and found.graph is not None:
             return {**(_torch_links(reader, layers) if reader.meta.framework == "torch"
                        else {}), **graph_links(found.graph, layers, reader)}

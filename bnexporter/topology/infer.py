@@ -28,6 +28,12 @@ used, each labelled in ``consumer_source``:
     ``conv_head``) puts the activation inside the norm layer: SiLU / hard-swish
     after ``bn1`` (and ``bn2`` of inverted-residual blocks), none after the
     block's last BN. Reported as ``silu`` / ``linear``: not ReLUs either way.
+``preset:torchvision_mobilenet_v3``
+    torchvision's MobileNetV3 (``features.N.block.M.1``): the block's last BN
+    is its linear projection; the others carry the block's activation, ReLU for
+    the first blocks and hard-swish after (torchvision's published table, large
+    and small told apart by their block count); unknown counts keep only the
+    projections.
 ``inferred:residual-block``
     In a block with numbered BNs (``bn1, bn2[, bn3]`` or ``norm1..``) beside a
     shortcut BN (``downsample`` / ``shortcut`` / ``proj``) in it or a sibling
@@ -275,6 +281,39 @@ def _timm_efficientnet(names: list[str], unknown: set[str]) -> dict[str, Inferre
     return out
 
 
+# blocks using ReLU ("RE") before hard-swish ("HS") in torchvision's MobileNetV3 tables
+_MNV3_RELU_BLOCKS = {15: 6, 11: 3}  # large: features.1-6 RE; small: features.1-3 RE
+_MNV3 = re.compile(r"^(?P<pre>.*?)features\.(?P<i>\d+)\.block\.(?P<j>\d+)\.1$")
+
+
+def _torchvision_mnv3(names: list[str], unknown: set[str]) -> dict[str, Inferred]:
+    hits = [(m, n) for n in names if (m := _MNV3.match(n))]
+    if len(hits) < 4:
+        return {}
+    pre = hits[0][0].group("pre")
+    blocks: dict[int, list[int]] = {}
+    for m, _ in hits:
+        blocks.setdefault(int(m.group("i")), []).append(int(m.group("j")))
+    relu_upto = _MNV3_RELU_BLOCKS.get(len(blocks))
+    src = "preset:torchvision_mobilenet_v3"
+    out: dict[str, Inferred] = {}
+    for m, n in hits:
+        if n not in unknown:
+            continue
+        i, j = int(m.group("i")), int(m.group("j"))
+        if j == max(blocks[i]):
+            out[n] = Inferred("linear", src)
+        elif relu_upto is not None:
+            out[n] = Inferred("relu" if i <= relu_upto else "hardswish", src)
+    if relu_upto is not None:
+        last = max(blocks) + 1
+        for n, kind in ((f"{pre}features.0.1", "hardswish"),
+                        (f"{pre}features.{last}.1", "hardswish")):
+            if n in unknown and n in names:
+                out[n] = Inferred(kind, src)
+    return out
+
+
 def _residual(bns: Sequence[BNRef]) -> dict[str, str]:
     """BN name -> "add" for the sum-feeding BNs of residual-looking blocks."""
     by_block: dict[str, list[tuple[int, str]]] = {}
@@ -307,6 +346,7 @@ def infer_consumers(reader: Reader, bns: Sequence[BNRef],
     if not unknown:
         return out
     out.update(_timm_efficientnet([b.name for b in bns], unknown))
+    out.update(_torchvision_mnv3([b.name for b in bns], unknown - set(out)))
     unknown = unknown - set(out)
     # names that say "this BN feeds the residual sum" beat the statistics, which
     # cannot see a sum (the next conv reads the activation of the sum)

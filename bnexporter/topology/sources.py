@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,11 +54,15 @@ def _folder(path: str) -> str:
     return path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
 
 
-def find(path: str, framework: str, notes: list[str]) -> Found | None:
-    """The first graph source for the checkpoint at ``path``; problems become notes.
+def find(path: str, framework: str, notes: list[str],
+         tensors: frozenset[str] = frozenset()) -> Found | None:
+    """The first graph source that describes the checkpoint at ``path``.
 
-    Cached on the folder's listing and modification times, so discovery and the
-    link finder of one analysis (and the next checkpoint's) parse a sidecar once.
+    A candidate counts only when it describes *this* model: a graph's BN tensors,
+    or a config's BN layer names, must be among the checkpoint's own ``tensors``
+    (a folder may hold graphs of other models). Problems become notes. Cached on
+    the folder's listing and modification times, so discovery and the link
+    finder of one analysis (and the next checkpoint's) parse a sidecar once.
     """
     folder = _folder(path)
     try:
@@ -69,66 +74,103 @@ def find(path: str, framework: str, notes: list[str]) -> Found | None:
                 stamp += [st.st_mtime_ns, st.st_size]
     except OSError:
         return None
-    found, problems = _find_cached(path, framework, folder, names, tuple(stamp))
+    found, problems = _find_cached(path, framework, folder, names, tuple(stamp), tensors)
     notes.extend(problems)
     return found
 
 
 @functools.lru_cache(maxsize=16)
 def _find_cached(path: str, framework: str, folder: str, names: tuple[str, ...],
-                 stamp: tuple[int, ...]) -> tuple[Found | None, tuple[str, ...]]:
+                 stamp: tuple[int, ...], tensors: frozenset[str]
+                 ) -> tuple[Found | None, tuple[str, ...]]:
     notes: list[str] = []
-    return _find(path, framework, folder, list(names), notes), tuple(notes)
+    return _find(path, framework, folder, list(names), notes, tensors), tuple(notes)
+
+
+def _matches(found: Found, tensors: frozenset[str]) -> bool:
+    if not tensors:
+        return True
+    if found.graph is not None:
+        means = [n.params["mean"] for n in found.graph.nodes
+                 if n.op == "bn" and "mean" in n.params]
+        hits = sum(1 for m in means if m in tensors)
+        return bool(means) and hits >= max(1, len(means) // 2)
+    if found.keras_config is not None:
+        bns = _keras_bn_names(found.keras_config)
+        parts = {part for t in tensors for part in t.replace(":", "/").split("/")}
+        return not bns or any(b in parts for b in bns) or any(
+            t.startswith("layers/") for t in tensors)  # Keras 3 paths: matched by config
+    return False
+
+
+def _keras_bn_names(config: Any) -> set[str]:
+    out: set[str] = set()
+    if isinstance(config, dict):
+        if "BatchNormalization" in str(config.get("class_name", "")):
+            cfg = config.get("config")
+            if isinstance(cfg, dict) and isinstance(cfg.get("name"), str):
+                out.add(cfg["name"])
+        for value in config.values():
+            out |= _keras_bn_names(value)
+    elif isinstance(config, list):
+        for value in config:
+            out |= _keras_bn_names(value)
+    return out
 
 
 def _find(path: str, framework: str, folder: str, names: list[str],
-          notes: list[str]) -> Found | None:
+          notes: list[str], tensors: frozenset[str]) -> Found | None:
     for finder in (_describe, _keras_sidecar, _tf_sources, _torch_sidecar):
-        try:
-            found = finder(path, folder, names, framework)
-        except (CheckpointError, OSError, ValueError, KeyError, TypeError, IndexError,
-                RecursionError, UnicodeDecodeError) as exc:
-            notes.append(f"graph source beside the checkpoint ignored: {exc}")
-            continue
-        if found is not None:
-            return found
+        candidates = finder(path, folder, names, framework)
+        while True:
+            try:
+                found = next(candidates, None)
+            except (CheckpointError, OSError, ValueError, KeyError, TypeError, IndexError,
+                    RecursionError, UnicodeDecodeError) as exc:
+                notes.append(f"graph source beside the checkpoint ignored: {exc}")
+                continue
+            if found is None:
+                break
+            if _matches(found, tensors):
+                return found
     return None
 
 
-def _describe(path: str, folder: str, names: list[str], framework: str) -> Found | None:
-    if GRAPH_FILE not in names:
-        return None
-    from bnexporter.topology.torch_graph import graph_from_json
-
-    return Found(f"graph:describe:{GRAPH_FILE}", graph=graph_from_json(
-        os.path.join(folder, GRAPH_FILE)))
+Candidates = Iterator[Found]
 
 
-def _keras_sidecar(path: str, folder: str, names: list[str], framework: str) -> Found | None:
+def _describe(path: str, folder: str, names: list[str], framework: str) -> Candidates:
+    if GRAPH_FILE in names:
+        from bnexporter.topology.torch_graph import graph_from_json
+
+        yield Found(f"graph:describe:{GRAPH_FILE}", graph=graph_from_json(
+            os.path.join(folder, GRAPH_FILE)))
+
+
+def _keras_sidecar(path: str, folder: str, names: list[str], framework: str) -> Candidates:
     if framework not in ("keras", "tf", "generic"):
-        return None
+        return
     for name in _KERAS_CONFIGS:
         if name in names:
             cfg = _keras_config(_read_json(os.path.join(folder, name)))
             if cfg is not None:
-                return Found(f"file:{name}", keras_config=cfg)
+                yield Found(f"file:{name}", keras_config=cfg)
     if framework != "keras":
-        return None
+        return
     me = os.path.basename(path)
-    for name in names:
+    for name in _same_stem_first(me, names):
         if name == me or not name.endswith((".keras", ".h5")):
             continue
         from bnexporter.formats import open_reader
 
         with open_reader(os.path.join(folder, name)) as other:
             if other.meta.model_config:
-                return Found(f"file:{name}", keras_config=other.meta.model_config)
-    return None
+                yield Found(f"file:{name}", keras_config=other.meta.model_config)
 
 
-def _tf_sources(path: str, folder: str, names: list[str], framework: str) -> Found | None:
+def _tf_sources(path: str, folder: str, names: list[str], framework: str) -> Candidates:
     if framework != "tf":
-        return None
+        return
     from bnexporter.topology import tf_graph
 
     parent = os.path.dirname(folder)
@@ -136,43 +178,45 @@ def _tf_sources(path: str, folder: str, names: list[str], framework: str) -> Fou
             os.path.isfile(os.path.join(parent, "saved_model.pb")):
         got = tf_graph.graph_from_saved_model(parent)
         if isinstance(got, dict):
-            return Found("file:saved_model", keras_config=got)
-        if got is not None:
-            return Found("graph:savedmodel", graph=got)
+            yield Found("file:saved_model", keras_config=got)
+        elif got is not None:
+            yield Found("graph:savedmodel", graph=got)
     prefix = path[: -len(".index")] if path.endswith(".index") else path
+    seen = set()
     for meta in (prefix + ".meta", *[os.path.join(folder, n) for n in names
                                      if n.endswith(".meta")]):
-        if os.path.isfile(meta):
+        if meta not in seen and os.path.isfile(meta):
+            seen.add(meta)
             graph = tf_graph.graph_from_meta(meta)
             if graph is not None:
-                return Found(f"graph:meta:{os.path.basename(meta)}", graph=graph)
-    return None
+                yield Found(f"graph:meta:{os.path.basename(meta)}", graph=graph)
 
 
-def _torch_sidecar(path: str, folder: str, names: list[str], framework: str) -> Found | None:
+def _same_stem_first(me: str, names: list[str]) -> list[str]:
+    stem = me.split(".", 1)[0]
+    return sorted(names, key=lambda n: (not n.startswith(stem), n))
+
+
+_MAX_TRIES = 16  # sibling archives opened per analysis at most
+
+
+def _torch_sidecar(path: str, folder: str, names: list[str], framework: str) -> Candidates:
     if framework != "torch":
-        return None
+        return
     from bnexporter.topology import torch_graph
 
     if os.path.isfile(path):  # a whole pickled module (torch.save(model), {"model": m})
         graph = torch_graph.graph_from_module_tree(path)
         if graph is not None and any(n.op != "bn" for n in graph.nodes):
-            return Found("graph:module-tree", graph=graph)
+            yield Found("graph:module-tree", graph=graph)
     me = os.path.basename(path)
-    for name in names:
-        full = os.path.join(folder, name)
-        if name == me or not os.path.isfile(full):
-            continue
-        if name.endswith(".pt2"):
-            graph = torch_graph.graph_from_export(full)
-            if graph is not None:
-                return Found(f"graph:export:{name}", graph=graph)
-    for name in names:
-        full = os.path.join(folder, name)
-        if name == me or not name.endswith((".pt", ".pth", ".jit", ".ts")) \
-                or not os.path.isfile(full):
-            continue
-        graph = torch_graph.graph_from_torchscript(full)
+    ordered = [n for n in _same_stem_first(me, names)
+               if n != me and os.path.isfile(os.path.join(folder, n))]
+    for name in [n for n in ordered if n.endswith(".pt2")][:_MAX_TRIES]:
+        graph = torch_graph.graph_from_export(os.path.join(folder, name))
         if graph is not None:
-            return Found(f"graph:torchscript:{name}", graph=graph)
-    return None
+            yield Found(f"graph:export:{name}", graph=graph)
+    for name in [n for n in ordered if n.endswith((".pt", ".pth", ".jit", ".ts"))][:_MAX_TRIES]:
+        graph = torch_graph.graph_from_torchscript(os.path.join(folder, name))
+        if graph is not None:
+            yield Found(f"graph:torchscript:{name}", graph=graph)
