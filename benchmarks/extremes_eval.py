@@ -16,6 +16,7 @@ The generation step runs under the framework venv (``--fw``); the scan under thi
 files are cached in ``--out`` (delete it to regenerate).
 """
 
+# ruff: noqa: E501  (the framework-side generator below is one embedded script)
 from __future__ import annotations
 
 import argparse

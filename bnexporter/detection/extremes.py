@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 
 import numpy as np
 
-from bnexporter.detection.analysis import Thresholds, TensorStats
+from bnexporter.detection.analysis import TensorStats, Thresholds
 from bnexporter.formats import dtypes
 
 # roles
@@ -97,7 +96,10 @@ def expected_tiny(b1: int, b2: int) -> float:
     return max((b1 + 1) / 9.0, (b2 + 1) / 90.0)
 
 
-def judge(st: TensorStats, role: str, dtype: str, th: Thresholds = Thresholds()
+_DEFAULT = Thresholds()
+
+
+def judge(st: TensorStats, role: str, dtype: str, th: Thresholds = _DEFAULT
           ) -> tuple[str, str] | None:
     """(kind, detail) of the first anomaly found in one tensor's stats, or None.
 
