@@ -39,6 +39,11 @@ class LayerReport:
     producer: str | None = None
     producer_source: str = "none"
     never_updated: bool = False
+    # what decided dead / near-dead: "estimate", "census:sample" or "census:distilled"
+    evidence: str = "estimate"
+    census_positions: int | None = None   # positions per channel the census saw
+    estimate_disagreement: int = 0        # channels where the estimate and the census differ
+    mean_tensor: str | None = None        # the running-mean tensor: ties the layer to graphs
 
     def __getattr__(self, name: str) -> list[int]:
         # ``layer.dead`` etc.: the channel classes read as attributes
@@ -100,6 +105,8 @@ class Summary:
     unknown_consumers: int = 0
     consumer_coverage: float = 0.0  # share of BN layers whose consumer is known or inferred
     never_updated_layers: int = 0
+    census_layers: int = 0          # layers whose verdict a census decided
+    estimate_disagreement: int = 0  # over those layers
 
     def __getattr__(self, name: str) -> int:
         if name in CLASS_NAMES:
@@ -126,6 +133,8 @@ class Summary:
             unknown_consumers=unknown,
             consumer_coverage=(len(layers) - unknown) / len(layers) if layers else 0.0,
             never_updated_layers=sum(1 for layer in layers if layer.never_updated),
+            census_layers=sum(1 for layer in layers if layer.evidence != "estimate"),
+            estimate_disagreement=sum(layer.estimate_disagreement for layer in layers),
         )
 
 

@@ -14,6 +14,7 @@ from bnexporter.detection.analysis import TensorScan, Thresholds, classify_chann
 from bnexporter.detection.discovery import BNLayer, discover
 from bnexporter.detection.extremes import bn_role_map, judge, never_updated_layers, role_of
 from bnexporter.detection.links import Link, find_links
+from bnexporter.detection.measured import measure, sample_for
 from bnexporter.detection.order import model_order
 from bnexporter.detection.refine import (
     BNParams,
@@ -44,6 +45,8 @@ class ScanOptions:
     step_regex: str | None = None
     eps: float | None = None
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
+    census: str | None = None      # a sample of model inputs (else bnexporter-census.npy beside)
+    census_seconds: float = 60.0   # time budget of one census
 
 
 def analyse_path(path: str, opts: ScanOptions | None = None,
@@ -82,6 +85,10 @@ def _analyse(reader: Reader, opts: ScanOptions, progress: Progress | None) -> Ch
     refined = _refine(reader, layers, th) if th.refine else {}
     layer_reports = [_analyse_layer(reader, layer, th, refined.get(layer.name))
                      for layer in layers]
+    sample = sample_for(reader.path, opts.census)
+    if sample is not None and layer_reports:
+        layer_reports = measure(reader, layer_reports, sample, th, opts.census_seconds,
+                                reader.meta.notes)
     bn_tensors = {t for layer in layers
                   for t in (layer.gamma, layer.beta, layer.mean, layer.var) if t}
     if opts.bn_only:
@@ -133,7 +140,8 @@ def _analyse_layer(reader: Reader, layer: BNLayer, th: Thresholds,
         name=layer.name, channels=layer.channels, eps=layer.eps, eps_source=layer.eps_source,
         consumer=layer.consumer, consumer_source=layer.consumer_source, classes=res.classes(),
         min_p_active=float(finite.min()) if finite.size else None,
-        producer=layer.producer, producer_source=layer.producer_source)
+        producer=layer.producer, producer_source=layer.producer_source,
+        mean_tensor=layer.mean)
 
 
 def _out_axis(reader: Reader, info: TensorInfo) -> int | None:
