@@ -25,6 +25,9 @@ def base_config(**extra: Any) -> dict[str, Any]:
         "rescan_interval": 5, "settle_seconds": 0.3, "analysis_timeout": 60,
         "retry": {"initial_delay": 0.2, "max_delay": 0.5, "give_up_after": 3,
                   "max_attempts": 20},
+        # the synthetic BNs of bn_tensors() have no graph: say they feed ReLUs, so their
+        # dead channels are counted (an unknown consumer is never counted dead)
+        "consumers": {"rules": {"*": "relu"}},
     }
     cfg.update(extra)
     return cfg
