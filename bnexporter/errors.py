@@ -16,6 +16,23 @@ def printable(text: str) -> str:
     return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
 
 
+# The one list of error reasons: report.error_reason, bnexporter_errors_total{reason},
+# the page and the docs. (reason, what it means, may the file still be being written)
+REASON_TABLE: tuple[tuple[str, str, bool], ...] = (
+    ("truncated", "shorter than its own structure says: still being written, or cut", True),
+    ("incomplete", "a multi-file checkpoint whose parts are not all there yet", True),
+    ("io", "the file could not be read (permissions, vanished, I/O error)", True),
+    ("corrupt", "its structure contradicts itself", False),
+    ("unsupported", "a format or feature bnexporter does not read", False),
+    ("forbidden", "it asks for something never done (code, globals, links outside)", False),
+    ("too_large", "over a safety bound (sizes, nesting, amplification)", False),
+    ("timeout", "the analysis ran out of time", False),
+    ("internal", "a bug in bnexporter, reported instead of crashing", False),
+)
+REASONS = tuple(r for r, _, _ in REASON_TABLE)
+RETRYABLE = frozenset(r for r, _, retry in REASON_TABLE if retry)
+
+
 class CheckpointError(Exception):
     """A checkpoint could not be read. ``str()`` is one line: ``path: cause``.
 

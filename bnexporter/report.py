@@ -22,7 +22,9 @@ CHANNEL_CLASSES: tuple[tuple[str, str], ...] = (
     ("saturated", "ReLU6 channels always at the upper limit"),
 )
 CLASS_NAMES = tuple(name for name, _ in CHANNEL_CLASSES)
-# consumers whose zero region makes a channel dead
+# what may consume a BN's output (topology decides which); only the ReLU-like ones
+# make a channel that is never positive a dead one
+CONSUMER_KINDS = ("relu", "relu6", "add", "linear", "silu", "hardswish", "other", "unknown")
 RELU_LIKE = ("relu", "relu6")
 
 

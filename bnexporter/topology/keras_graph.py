@@ -10,6 +10,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from bnexporter.report import CONSUMER_KINDS
+
 # layers whose output is a per-channel monotone image of their input: a BN
 # channel that is dead before them is dead after them, so look through them
 _PASS_THROUGH = re.compile(
@@ -23,7 +25,7 @@ _LINEAR = re.compile(
 _ADD = {"Add", "Subtract", "Average"}
 _OTHER_ACT = {"LeakyReLU", "PReLU", "ELU", "ThresholdedReLU", "Softmax"}
 
-CONSUMERS = ("relu", "relu6", "add", "linear", "silu", "hardswish", "other", "unknown")
+CONSUMERS = CONSUMER_KINDS
 
 
 @dataclass
