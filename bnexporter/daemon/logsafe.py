@@ -16,8 +16,9 @@ import logging
 import re
 from types import TracebackType
 
-# C0 controls, DEL, C1 controls, and the Unicode line/paragraph separators
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+# C0 controls, DEL, C1 controls, the Unicode line/paragraph separators, and lone
+# surrogates (bytes of a file name that are not UTF-8: ``\\xNN``, as in names.py)
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 _ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None] | tuple[None, None, None]
 
@@ -26,9 +27,19 @@ def escape_controls(text: str) -> str:
     """``text`` with every control character replaced by a printable escape."""
     if not _CONTROL.search(text):
         return text
-    return _CONTROL.sub(lambda m: _NAMED.get(m.group(), f"\\x{ord(m.group()):02x}"
-                                             if ord(m.group()) < 0x100
-                                             else f"\\u{ord(m.group()):04x}"), text)
+    return _CONTROL.sub(_one, text)
+
+
+def _one(m: re.Match[str]) -> str:
+    c = m.group()
+    n = ord(c)
+    if c in _NAMED:
+        return _NAMED[c]
+    if n < 0x100:
+        return f"\\x{n:02x}"
+    if 0xDC80 <= n <= 0xDCFF:  # an undecodable byte of a file name
+        return f"\\x{n - 0xDC00:02x}"
+    return f"\\u{n:04x}"
 
 
 class SafeFormatter(logging.Formatter):

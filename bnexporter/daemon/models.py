@@ -12,6 +12,7 @@ import logging
 import os
 from dataclasses import dataclass
 
+from bnexporter.daemon import names
 from bnexporter.daemon.config import Analysis, Config, ModelSpec
 from bnexporter.daemon.files import ignored_dir
 from bnexporter.daemon.policy import owned
@@ -63,7 +64,12 @@ def discover(spec: ModelSpec) -> dict[str, str]:
         folder = os.path.join(entry.path, suffix) if suffix else entry.path
         if suffix and not os.path.isdir(folder):
             continue
-        found[entry.name] = folder
+        name = names.clean(entry.name)  # not UTF-8: \xNN escapes (names.py), the folder stays
+        if name in found:
+            log.warning("%s: model name %s already used by another folder; skipped",
+                        folder, name)
+            continue
+        found[name] = folder
     return found
 
 

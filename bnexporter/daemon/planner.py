@@ -111,6 +111,7 @@ class ModelState:
     closed: dict[str, tuple[int, ...]] = field(default_factory=dict)
     retries: dict[tuple[str, tuple[int, ...]], RetryState] = field(default_factory=dict)
     finished: set[tuple[str, tuple[int, ...]]] = field(default_factory=set)
+    succeeded: set[tuple[str, tuple[int, ...]]] = field(default_factory=set)  # in finished
     exported: Candidate | None = None
     due: float | None = None
     cancelled: bool = False
@@ -193,7 +194,10 @@ class Planner:
 
     # -- the planner thread ---------------------------------------------------------
     def _run(self) -> None:
-        self._apply_config(self.cfg, first=True)
+        try:
+            self._apply_config(self.cfg, first=True)
+        except Exception:  # e.g. a folder name nothing expected: the loop must still run
+            log.exception("internal error while applying the configuration")
         next_rescan = self.clock() + self.cfg.rescan_interval
         while not self.stop_event.is_set():
             now = self.clock()
@@ -412,10 +416,20 @@ class Planner:
                 del table[path]
         m.retries = {k: v for k, v in m.retries.items() if k in live}
         m.finished &= live
+        m.succeeded &= live
         if m.initial is None:
             m.initial = live
         if m.exported is not None and m.exported.path not in present:
-            m.exported = None  # its file is gone: any checkpoint may take over
+            # its file is gone: the newest remaining checkpoint takes over (analysed again
+            # even if it was before); with none left the model's series go
+            log.info("model %s: exported checkpoint %s is gone; %s", m.name, m.exported.path,
+                     "falling back to the newest remaining one" if cands else
+                     "no checkpoint left, its series are dropped")
+            m.exported = None
+            m.finished -= m.succeeded
+            m.succeeded.clear()
+            if not cands and m.view.report is not None:
+                self._set_view(m, report=None, analysed_at=None)
         if m.given_up is not None and (m.given_up.path, m.given_up.sig) not in live:
             m.given_up = None
         top = newest(cands)
@@ -532,6 +546,7 @@ class Planner:
         key = (job.cand.path, job.cand.sig)
         m.retries.pop(key, None)
         m.finished.add(key)
+        m.succeeded.add(key)
         if m.exported is not None and is_newer(Key.of(m.exported), Key.of(job.cand)):
             log.info("model %s: %s is older than the exported checkpoint; not exported",
                      m.name, job.cand.path)

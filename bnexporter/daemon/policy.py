@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Generic, TypeVar
 
+from bnexporter.daemon import names
 from bnexporter.daemon.config import Retry
 from bnexporter.daemon.files import Candidate
 
@@ -99,7 +100,7 @@ def in_order(cands: Sequence[Candidate]) -> list[Candidate]:
 
 def shard_of(name: str, count: int) -> int:
     """Stable across processes and Python versions (unlike ``hash()``)."""
-    return zlib.crc32(name.encode("utf-8")) % count if count > 1 else 0
+    return zlib.crc32(names.encode(name)) % count if count > 1 else 0
 
 
 def owned(name: str, shard: tuple[int, int]) -> bool:

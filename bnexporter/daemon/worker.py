@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 
-from bnexporter.daemon import testhooks
+from bnexporter.daemon import names, testhooks
 from bnexporter.daemon.policy import Job
 from bnexporter.daemon.progress import StallWatch, proc_dir
 from bnexporter.formats.sniff import MODULES, incomplete
@@ -109,7 +109,9 @@ class Runner:
         if report is None and not self.stop.is_set():
             report = failed(path, f"{path}: analysis took longer than {self.timeout:g} s",
                             "timeout", step=job.cand.step)
-        return report
+        # names from the file and its path may not be UTF-8: make them safe to show once,
+        # here, so no label, page or log line downstream can fail on them (names.py)
+        return names.clean_tree(report) if report is not None else None
 
     def _run(self, job: Job) -> CheckpointReport | None:
         if self.isolation != "process" or time.monotonic() < self._no_processes_until:

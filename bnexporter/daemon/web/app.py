@@ -29,6 +29,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, gzip_accepted
 
+from bnexporter.daemon import names
 from bnexporter.daemon.state import Store
 from bnexporter.daemon.web import landing
 from bnexporter.daemon.web.exposition import FastText
@@ -126,7 +127,7 @@ def _send_bytes(start: StartResponse, data: bytes, ctype: str,
 def _send(start: StartResponse, status: str, body: str,
           ctype: str = "text/plain; charset=utf-8",
           extra: list[tuple[str, str]] | None = None) -> list[bytes]:
-    data = body.encode("utf-8")
+    data = names.encode(body)  # a name that is not UTF-8 is escaped, never a 500
     start(status, [("Content-Type", ctype), ("Content-Length", str(len(data))),
                    ("Cache-Control", "no-store"), *(extra or [])])
     return [data]

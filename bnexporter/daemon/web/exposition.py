@@ -21,6 +21,7 @@ from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from bnexporter.daemon import names
 from bnexporter.daemon.state import ModelView, Store
 from bnexporter.daemon.web.collector import exporter_families, model_families
 
@@ -91,7 +92,7 @@ class FastText:
             for family, header in self._headers:
                 parts.append(header)
                 parts.extend(f[1].get(family, "") for f in frags.values())
-            plain = "".join(parts).encode("utf-8")
+            plain = names.encode("".join(parts))  # never raises on a name (names.py)
             packed = gzip.compress(plain, compresslevel=GZIP_LEVEL)
             self._cached = (snap.models_version, plain, packed)
             return plain, packed
