@@ -146,30 +146,63 @@ def serve(cfg: Any, config_path: str | None, overrides: Overrides | None,
 
 class SignalWaiter:
     """Signals are taken synchronously in the main thread (``sigtimedwait``), so
-    no handler ever runs in the middle of a lock held by the interrupted code."""
+    no handler ever runs in the middle of a lock held by the interrupted code.
+
+    They are blocked in the main thread, and every thread started later inherits
+    that. Threads a native library starts at import (numpy's OpenBLAS pool) exist
+    before and do not block them: a signal the kernel hands to one of those gets its
+    default action, and for SIGHUP or SIGTERM that kills the process (two quick
+    reloads did: the second arrives while the main thread is busy reloading). So
+    handlers are installed as well: in such a thread only Python's C-level handler
+    runs (it sets a flag), and the Python one, run later in the main thread, only
+    records the signal for ``wait``. A storm of signals coalesces: ``wait`` drains
+    everything pending and returns a stop before a reload, and a reload once.
+    """
+
+    POLL = 0.25  # seconds: how late a signal a native thread took is seen at most
 
     def __init__(self) -> None:
         self._sync = hasattr(signal, "sigtimedwait") and hasattr(signal, "pthread_sigmask")
         self._got: list[int] = []
+        self._old = {s: signal.signal(s, self._record) for s in _SIGNALS}
         if self._sync:
             self._old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
-        else:  # pragma: no cover - non-Linux fallback
-            self._old = {s: signal.signal(s, lambda n, _f: self._got.append(n))
-                         for s in _SIGNALS}
+
+    def _record(self, signum: int, _frame: Any) -> None:
+        self._got.append(signum)
 
     def wait(self, timeout: float) -> int | None:
+        end = time.monotonic() + timeout
+        while True:
+            got = self._drain()
+            left = end - time.monotonic()
+            if got is not None or left <= 0:
+                return got
+            if self._sync:
+                info = signal.sigtimedwait(_SIGNALS, min(left, self.POLL))
+                if info is not None:
+                    self._got.append(info.si_signo)
+            else:  # pragma: no cover - non-Linux fallback
+                time.sleep(min(left, self.POLL))
+
+    def _drain(self) -> int | None:
+        """Everything pending, folded into one answer: a stop wins, reloads coalesce."""
         if self._sync:
-            info = signal.sigtimedwait(_SIGNALS, timeout)
-            return info.si_signo if info is not None else None
-        time.sleep(min(timeout, 0.2))  # pragma: no cover
-        return self._got.pop(0) if self._got else None  # pragma: no cover
+            while (info := signal.sigtimedwait(_SIGNALS, 0)) is not None:
+                self._got.append(info.si_signo)
+        pending = set(self._got)
+        self._got.clear()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            if sig in pending:
+                return sig
+        return None
 
     def restore(self) -> None:
         if self._sync:
+            self._drain()  # nothing pending may meet the default action once unblocked
             signal.pthread_sigmask(signal.SIG_SETMASK, self._old_mask)
-        else:  # pragma: no cover
-            for s, handler in self._old.items():
-                signal.signal(s, handler)
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
 
 
 def check_config(path: str) -> int:
