@@ -6,12 +6,13 @@ from tests.support.imports import cycles, import_graph
 
 # lower layers never import higher ones
 LAYERS = [
-    ("bnexporter.errors", "bnexporter.steps", "bnexporter.report"),
+    ("bnexporter.errors", "bnexporter.steps", "bnexporter.report", "bnexporter.buildinfo"),
     ("bnexporter.formats",),
     ("bnexporter.topology",),
     ("bnexporter.detection",),
     ("bnexporter.scan",),
-    ("bnexporter.daemon", "bnexporter.scan_cli", "bnexporter.cli", "bnexporter.__main__"),
+    ("bnexporter.daemon", "bnexporter.scan_cli", "bnexporter.textfile", "bnexporter.cli",
+     "bnexporter.__main__"),
 ]
 
 

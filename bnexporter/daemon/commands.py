@@ -17,9 +17,17 @@ from typing import Any
 
 import yaml
 
-from bnexporter.daemon.config import DEFAULT_LISTEN, LOG_LEVELS, WATCH_MODES
+from bnexporter.daemon import logformat
+from bnexporter.daemon.config import (
+    DEFAULT_LISTEN,
+    DEFAULT_TELEMETRY_PATH,
+    DEMO_LISTEN,
+    LOG_FORMATS,
+    LOG_LEVELS,
+    PLACEHOLDER,
+    WATCH_MODES,
+)
 from bnexporter.daemon.demo import Trainer
-from bnexporter.daemon.logsafe import SafeFormatter
 from bnexporter.daemon.validate import (
     ConfigError,
     Overrides,
@@ -36,18 +44,21 @@ def add_subcommands(sub: Any) -> None:
     run = sub.add_parser("run", help="watch checkpoint folders and serve Prometheus metrics",
                          description="Watch checkpoint folders and serve Prometheus metrics. "
                          "Flags override the config file.")
-    run.add_argument("--config", metavar="FILE", help="YAML configuration (see "
-                     "config.example.yaml); SIGHUP or POST /-/reload re-reads it")
+    run.add_argument("--config.file", "--config", dest="config", metavar="FILE",
+                     help="YAML configuration (see config.example.yaml); SIGHUP or POST "
+                     "/-/reload re-reads it")
     run.add_argument("--watch", action="append", default=[], metavar="[NAME=]DIR",
                      help="a model folder (name: the folder's name), or a root with a "
                      "{model} placeholder; repeatable")
-    run.add_argument("--listen", metavar="HOST:PORT",
+    run.add_argument("--web.listen-address", "--listen", dest="listen", metavar="HOST:PORT",
                      help=f"HTTP address (default {DEFAULT_LISTEN})")
+    run.add_argument("--web.telemetry-path", dest="telemetry_path", metavar="PATH",
+                     help=f"path of the metrics (default {DEFAULT_TELEMETRY_PATH})")
     run.add_argument("--poll-interval", type=float, metavar="S",
                      help="seconds between polls where polling is used (default 10)")
     run.add_argument("--watch-mode", choices=WATCH_MODES,
                      help="auto: polling on network/FUSE filesystems, inotify elsewhere")
-    run.add_argument("--log-level", choices=LOG_LEVELS, help="default info")
+    _log_flags(run, None)
     run.add_argument("--shard", metavar="I/N", help="watch only the models whose name hashes "
                      "to shard I of N (0-based)")
     run.add_argument("--bn-only", action="store_const", const=True, default=None,
@@ -59,40 +70,49 @@ def add_subcommands(sub: Any) -> None:
     check = sub.add_parser("check-config", help="validate a configuration file and print "
                            "the effective configuration")
     check.add_argument("file", metavar="FILE")
+    check.add_argument("--strict", action="store_true",
+                       help="a model folder missing on this machine is an error, as for run")
 
     demo = sub.add_parser("demo", help="write a synthetic training run and export it")
     demo.add_argument("--duration", type=float, default=0.0, metavar="S",
                       help="stop after S seconds (default: run until Ctrl-C)")
     demo.add_argument("--interval", type=float, default=3.0, metavar="S",
                       help="seconds between checkpoints (default 3)")
-    demo.add_argument("--listen", default=None, metavar="HOST:PORT",
-                      help=f"HTTP address (default {DEFAULT_LISTEN}; a free port if taken)")
+    demo.add_argument("--web.listen-address", "--listen", dest="listen", default=None,
+                      metavar="HOST:PORT", help=f"HTTP address (default {DEMO_LISTEN}: this "
+                      "machine only; a free port if taken)")
+    _log_flags(demo, "info")
     demo.add_argument("--dir", metavar="DIR",
                       help="write checkpoints here instead of a temporary folder (kept)")
+
+
+def _log_flags(p: argparse.ArgumentParser, default: str | None) -> None:
+    p.add_argument("--log.level", "--log-level", dest="log_level", choices=LOG_LEVELS,
+                   default=default, help="default info")
+    p.add_argument("--log.format", dest="log_format", choices=LOG_FORMATS,
+                   default="logfmt" if default else None,
+                   help="logfmt (default) or json; RFC 3339 UTC timestamps with milliseconds")
 
 
 def dispatch(args: argparse.Namespace) -> int:
     if args.command == "run":
         return run(args)
     if args.command == "check-config":
-        return check_config(args.file)
+        return check_config(args.file, args.strict)
     if args.command == "demo":
         return run_demo(args)
     raise SystemExit(f"bnexporter: unknown command {args.command!r}")
 
 
-def setup_logging(level: str) -> None:
-    """One line per message on stderr; control characters from names are escaped."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(SafeFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s",
-                                       datefmt="%Y-%m-%dT%H:%M:%S"))
-    logging.basicConfig(handlers=[handler])
-    logging.getLogger("bnexporter").setLevel(level.upper())
+def setup_logging(level: str, fmt: str = "logfmt") -> None:
+    """One line per message on stderr (logfmt or JSON); names cannot forge lines."""
+    logformat.setup(level, fmt)
 
 
 def overrides_from(args: argparse.Namespace) -> Overrides:
     return Overrides(watch=list(args.watch), listen=args.listen,
                      poll_interval=args.poll_interval, log_level=args.log_level,
+                     log_format=args.log_format, telemetry_path=args.telemetry_path,
                      shard=args.shard, bn_only=args.bn_only, watch_mode=args.watch_mode,
                      workers=args.workers, web_config_file=args.web_config_file)
 
@@ -104,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"bnexporter: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    setup_logging(cfg.log_level)
+    setup_logging(cfg.log_level, cfg.log_format)
     return serve(cfg, args.config, overrides)
 
 
@@ -205,9 +225,22 @@ class SignalWaiter:
             signal.signal(s, handler)
 
 
-def check_config(path: str) -> int:
+def missing_folders(cfg: Any) -> list[str]:
+    """Model folders (or {model} bases) that do not exist on this machine."""
+    out = []
+    for spec in cfg.models:
+        where = f"models[{spec.index}]" if spec.origin == "models" else spec.origin
+        folder = spec.template_parts()[0] if PLACEHOLDER in spec.path else spec.path
+        if not os.path.isdir(folder):
+            out.append(f"{where}.path: {folder}: not a directory here")
+    return out
+
+
+def check_config(path: str, strict: bool = False) -> int:
+    """Validate every value; folders missing on this machine are warnings (``run`` needs
+    them), errors with ``--strict``."""
     try:
-        cfg = load_config(path)
+        cfg = load_config(path, check_paths=strict)
         if cfg.web_config_file is not None:
             from bnexporter.daemon.web.security import build
 
@@ -218,7 +251,12 @@ def check_config(path: str) -> int:
     from bnexporter.daemon.models import targets
 
     found = targets(cfg)
-    print(f"# {path}: valid. Effective configuration (defaults filled in):")
+    missing = missing_folders(cfg)
+    for line in missing:
+        print(f"bnexporter: warning: {path}: {line} (bnexporter run refuses to start until "
+              "it exists)", file=sys.stderr)
+    print(f"# {path}: valid{' (see the warnings)' if missing else ''}. Effective "
+          "configuration (defaults filled in):")
     sys.stdout.write(yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=False))
     names = ", ".join(sorted(found)) or "none yet"
     print(f"# models this replica (shard {cfg.shard[0]}/{cfg.shard[1]}) watches now: {names}")
@@ -237,7 +275,7 @@ def _port_free(host: str, port: int) -> bool:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    listen = args.listen or DEFAULT_LISTEN
+    listen = args.listen or DEMO_LISTEN
     host, port = parse_listen(listen)
     if args.listen is None and not _port_free(host, port):
         listen = f"{host}:0"  # the default port is taken: any free one will do for a demo
@@ -252,7 +290,7 @@ def run_demo(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"bnexporter: {exc}", file=sys.stderr)
         return 2
-    setup_logging("info")
+    setup_logging(args.log_level, args.log_format)
     trainer = Trainer(folder, args.interval)
 
     def ready(daemon: Any) -> None:

@@ -20,8 +20,14 @@ from bnexporter.topology.consumers import ConsumerRules
 # 9100-9999 is fully allocated on the Prometheus wiki's port list; see docs/daemon.md.
 DEFAULT_PORT = 10842
 DEFAULT_LISTEN = f"0.0.0.0:{DEFAULT_PORT}"
+DEMO_LISTEN = f"127.0.0.1:{DEFAULT_PORT}"  # the demo is for this machine's browser only
+DEFAULT_TELEMETRY_PATH = "/metrics"
 WATCH_MODES = ("auto", "inotify", "poll")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("logfmt", "json")
+# per-layer detail: every BN layer, only layers with a finding, none (model totals only);
+# auto = all for a named model folder, findings for models found under a {model} root
+LAYER_DETAILS = ("auto", "all", "findings", "none")
 ISOLATIONS = ("process", "thread")
 PLACEHOLDER = "{model}"
 # every format the readers understand; TF bundles are found through their .index
@@ -30,13 +36,21 @@ DEFAULT_PATTERNS = default_patterns()
 
 @dataclass(frozen=True)
 class MetricOptions:
-    """Cardinality controls for one model's series."""
+    """Cardinality controls for one model's series (budget: docs/metrics-contract.md)."""
 
-    per_layer: bool = True
+    layers: str = "auto"              # LAYER_DETAILS; resolved per model by validate.py
+    per_layer: bool = True            # false: same as layers: none (kept for old files)
     layer_include: str | None = None  # regex (search) on the layer name
     layer_exclude: str | None = None
     max_layers: int = 0               # 0: no cap; else keep the K worst layers
     per_tensor: bool = False
+
+    @property
+    def detail(self) -> str:
+        """all | findings | none: which BN layers get bnexporter_layer_* series."""
+        if not self.per_layer:
+            return "none"
+        return "all" if self.layers == "auto" else self.layers
 
 
 @dataclass(frozen=True)
@@ -93,7 +107,9 @@ class Retry:
 class Config:
     source: str | None = None
     listen: str = DEFAULT_LISTEN
+    telemetry_path: str = DEFAULT_TELEMETRY_PATH
     log_level: str = "info"
+    log_format: str = "logfmt"
     watch: str = "auto"
     poll_interval: float = 10.0
     rescan_interval: float = 300.0
@@ -114,7 +130,8 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         """The effective configuration, in the YAML file's own shape."""
         out: dict[str, Any] = {
-            "listen": self.listen, "log_level": self.log_level, "watch": self.watch,
+            "listen": self.listen, "telemetry_path": self.telemetry_path,
+            "log_level": self.log_level, "log_format": self.log_format, "watch": self.watch,
             "poll_interval": self.poll_interval, "rescan_interval": self.rescan_interval,
             "settle_seconds": self.settle_seconds, "workers": self.workers,
             "analysis_timeout": self.analysis_timeout, "stall_timeout": self.stall_timeout,

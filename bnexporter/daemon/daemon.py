@@ -47,8 +47,10 @@ class Daemon:
         if testhooks.ENABLED:
             hooks = {"crash-watcher": lambda: " ".join(self.watchers.crash()) or "none"}
         host, port = parse_listen(cfg.listen)
+        self._started = threading.Event()  # /-/ready: watchers, planner and workers run
         self.http = HTTPServer(host, port, App(self.store, self.registry, self.reload, hooks,
-                                               self.security))
+                                               self.security, cfg.telemetry_path,
+                                               self._started.is_set))
         self._reload_lock = threading.Lock()
 
     @property
@@ -61,13 +63,15 @@ class Daemon:
 
     def start(self) -> None:
         self.http.start()
-        log.info("listening on %s (metrics at %smetrics)", self.url, self.url)
+        log.info("listening on %s (metrics at %s%s)", self.url, self.url.rstrip("/"),
+                 self.cfg.telemetry_path)
         log.info("endpoint security: %s", self.security.describe())
         # watchers first: events that arrive while the planner lists folders are queued
         self.watchers.set_roots(watch_roots(self.cfg), self.cfg.poll_interval)
         self.watchers.start()
         self.planner.start()
         self.pool.start()
+        self._started.set()
 
     def reload(self) -> tuple[bool, str]:
         """Re-read the configuration; on any error keep running with the old one."""
@@ -82,7 +86,7 @@ class Daemon:
             except ConfigError as exc:
                 log.error("reload failed, keeping the previous configuration: %s", exc)
                 return False, f"reload failed: {exc}"
-            for key in ("listen", "workers", "isolation"):
+            for key in ("listen", "telemetry_path", "workers", "isolation", "log_format"):
                 if getattr(cfg, key) != getattr(self.cfg, key):
                     log.warning("reload: %s changed; it takes effect after a restart", key)
             self.runner.timeout = cfg.analysis_timeout

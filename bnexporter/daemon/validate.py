@@ -17,6 +17,8 @@ from typing import Any
 
 from bnexporter.daemon.config import (
     ISOLATIONS,
+    LAYER_DETAILS,
+    LOG_FORMATS,
     LOG_LEVELS,
     PLACEHOLDER,
     WATCH_MODES,
@@ -37,10 +39,16 @@ METRIC_KEYS = tuple(f.name for f in fields(MetricOptions))
 RETRY_KEYS = tuple(f.name for f in fields(Retry))
 ANALYSIS_KEYS = ("patterns", "bn_only", "step_regex", "eps", "thresholds", "consumers",
                  "metrics", "backfill", "follow_symlinks")
-TOP_KEYS = ("listen", "log_level", "watch", "poll_interval", "rescan_interval",
-            "settle_seconds", "workers", "analysis_timeout", "stall_timeout", "isolation",
-            "web_config_file", "retry", "shard", *ANALYSIS_KEYS, "models")
+TOP_KEYS = ("listen", "telemetry_path", "log_level", "log_format", "watch", "poll_interval",
+            "rescan_interval", "settle_seconds", "workers", "analysis_timeout", "stall_timeout",
+            "isolation", "web_config_file", "retry", "shard", *ANALYSIS_KEYS, "models")
 MODEL_KEYS = ("name", "path", "watch", *ANALYSIS_KEYS)
+
+
+# the node_exporter-style name of each flag that sets a top-level key (messages name it)
+FLAG_NAMES = {"listen": "--web.listen-address", "telemetry_path": "--web.telemetry-path",
+              "web_config_file": "--web.config.file", "log_level": "--log.level",
+              "log_format": "--log.format"}
 
 
 @dataclass
@@ -51,6 +59,8 @@ class Overrides:
     listen: str | None = None
     poll_interval: float | None = None
     log_level: str | None = None
+    log_format: str | None = None
+    telemetry_path: str | None = None
     shard: str | None = None
     bn_only: bool | None = None
     watch_mode: str | None = None
@@ -207,6 +217,8 @@ def _metrics(ctx: _Ctx, raw: Any, loc: str, base: MetricOptions) -> MetricOption
         where = _join(loc, key)
         if key in ("per_layer", "per_tensor"):
             out[key] = _boolean(ctx, value, where)
+        elif key == "layers":
+            out[key] = _choice(ctx, value, where, LAYER_DETAILS)
         elif key == "max_layers":
             out[key] = _integer(ctx, value, where, 0)
         else:
@@ -285,6 +297,9 @@ def _model(ctx: _Ctx, raw: Any, loc: str, index: int, base: Analysis, origin: st
     if watch is not None:
         watch = _choice(ctx, watch, _join(loc, "watch"), WATCH_MODES)
     analysis = _analysis(ctx, values, loc, base)
+    if analysis.metrics.layers == "auto":  # a {model} root is a central deployment
+        detail = "findings" if PLACEHOLDER in path else "all"
+        analysis = replace(analysis, metrics=replace(analysis.metrics, layers=detail))
     return ModelSpec(index=index, path=path, name=name, analysis=analysis, watch=watch,
                      origin=origin)
 
@@ -315,7 +330,9 @@ def parse_listen(value: str) -> tuple[str, int]:
 
 _SCALARS: dict[str, Callable[[_Ctx, Any, str], Any]] = {
     "listen": lambda c, v, w: _listen(c, v, w),
+    "telemetry_path": lambda c, v, w: _telemetry_path(c, v, w),
     "log_level": lambda c, v, w: _choice(c, v, w, LOG_LEVELS),
+    "log_format": lambda c, v, w: _choice(c, v, w, LOG_FORMATS),
     "watch": lambda c, v, w: _choice(c, v, w, WATCH_MODES),
     "isolation": lambda c, v, w: _choice(c, v, w, ISOLATIONS),
     "poll_interval": _number, "rescan_interval": _number, "settle_seconds":
@@ -339,6 +356,15 @@ def _file(ctx: _Ctx, value: Any, loc: str) -> str | None:
         missing = "" if os.path.exists(path) else " (does not exist)"
         raise ctx.fail(loc, f"{path}: not a file{missing}")
     return path
+
+
+def _telemetry_path(ctx: _Ctx, value: Any, loc: str) -> str:
+    reserved = ("/", "/healthz", "/-/healthy", "/-/ready", "/-/reload")
+    if not isinstance(value, str) or not re.fullmatch(r"/[A-Za-z0-9._~/-]*", value):
+        raise ctx.fail(loc, f"expected a URL path such as /metrics, got {_short(value)}")
+    if value in reserved or value.startswith("/api/"):
+        raise ctx.fail(loc, f"{value} is taken by another endpoint")
+    return value
 
 
 def _listen(ctx: _Ctx, value: Any, loc: str) -> str:
@@ -369,15 +395,16 @@ def build_config(raw: Any, source: str, base_dir: str, overrides: Overrides | No
     flags = _Ctx("command line", os.getcwd(), check_paths)
     ov = overrides or Overrides()
     flag_values = {"listen": ov.listen, "poll_interval": ov.poll_interval,
-                   "log_level": ov.log_level, "shard": ov.shard, "watch": ov.watch_mode,
-                   "workers": ov.workers, "web_config_file": ov.web_config_file}
+                   "log_level": ov.log_level, "log_format": ov.log_format,
+                   "telemetry_path": ov.telemetry_path, "shard": ov.shard,
+                   "watch": ov.watch_mode, "workers": ov.workers,
+                   "web_config_file": ov.web_config_file}
     cfg = Config(source=source)
     changes: dict[str, Any] = {}
     for key, parse in _SCALARS.items():
         if flag_values.get(key) is not None:
-            flag = "--web.config.file" if key == "web_config_file" else \
-                f"--{key.replace('_', '-')}"
-            changes[key] = parse(flags, flag_values[key], flag)
+            changes[key] = parse(flags, flag_values[key], FLAG_NAMES.get(
+                key, f"--{key.replace('_', '-')}"))
         elif key in values:
             changes[key] = parse(ctx, values[key], key)
     if "retry" in values:
@@ -427,3 +454,25 @@ def load_config(path: str | None, overrides: Overrides | None = None,
         where = path or "command line"
         raise ConfigError(f"{where}: no models to watch (give --watch DIR or a models: list)")
     return cfg
+
+
+class _FlagCtx(_Ctx):
+    """A context whose errors name the command-line flag a location came from."""
+
+    def __init__(self, flags: Mapping[str, str]):
+        super().__init__("command line", os.getcwd(), check_paths=False)
+        self.flags = flags
+
+    def fail(self, loc: str, problem: str) -> ConfigError:
+        for key, flag in self.flags.items():
+            if loc == key or loc.startswith((key + ".", key + "[")):
+                return ConfigError(f"{flag}: {problem}")
+        return ConfigError(f"{loc}: {problem}" if loc else problem)
+
+
+def analysis_from_flags(values: Mapping[str, Any], flags: Mapping[str, str]) -> Analysis:
+    """Analysis settings given as flags (``bnexporter scan``), checked by exactly the
+    rules of the configuration file; ``flags`` maps a config location (``eps``,
+    ``thresholds.dead_p``) to the flag that gave it, which the error names."""
+    ctx = _FlagCtx(flags)
+    return _analysis(ctx, _mapping(ctx, dict(values), "", ANALYSIS_KEYS), "", Analysis())

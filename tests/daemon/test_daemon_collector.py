@@ -52,10 +52,14 @@ def test_every_contract_name_and_nothing_else(report):
     bad = ModelView("bad", "/ckpt/bad", full, report=report, analysed_at=1.0, up=False,
                     errors=frozen({"truncated": 1}))
     s = _scrape(_store(ok, bad))
-    exposed = {name for (name, _) in s.samples}
+    exposed = {name for (name, _) in s.samples if name.startswith("bnexporter_")}
     assert exposed == contract, (sorted(contract - exposed), sorted(exposed - contract))
+    runtime = {name for (name, _) in s.samples if not name.startswith("bnexporter_")}
+    assert {"process_cpu_seconds_total", "process_resident_memory_bytes", "process_open_fds",
+            "python_info"} <= runtime, runtime
     for name, kind in s.types.items():  # counters are exactly the *_total names
-        assert (kind == "counter") == (name + "_total" in contract), name
+        if name.startswith("bnexporter_"):
+            assert (kind == "counter") == (name + "_total" in contract), name
 
 
 def test_values_match_the_report(report):
@@ -125,10 +129,12 @@ def test_landing_page_escapes_names_and_draws_bars(report):
                      up=False, error="file <b>broken</b>")
     page = landing.render(_store(view, ModelView("empty", "/y", MetricOptions())).snapshot,
                           now=report.mtime + 10800)
-    assert "<script" not in page and "<img" not in page and "<b>broken" not in page
-    assert "&lt;script&gt;" in page and "bn&quot;&gt;&lt;img" in page
-    assert page.count("<svg") == 1  # the model without a result has no chart
-    assert page.count('fill="#b3261e"') == len(report.bn_layers)
+    detail = landing.model_page(_store(view).snapshot, evil) or ""  # every layer, by name
+    assert "<script" not in page + detail and "<img" not in page + detail
+    assert "<b>broken" not in page + detail
+    assert "&lt;script&gt;" in page and "bn&quot;&gt;&lt;img" in detail
+    assert 'href="/model/empty"' in page  # each model has its own page
+    assert detail.count('<tr id="l-') == len(report.bn_layers)
     assert "3 h" in page and "DOWN" in page and "no checkpoint analysed yet" in page
     assert "http://" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "")
 

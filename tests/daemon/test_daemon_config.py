@@ -149,9 +149,29 @@ def test_check_config_prints_the_effective_configuration(tmp_path, capsys):
 def test_check_config_cli_bad_file_is_one_line_no_traceback(tmp_path):
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump({"models": [{"name": "x", "path": str(tmp_path / "no")}]}))
-    res = subprocess.run([sys.executable, "-m", "bnexporter", "check-config", str(path)],
-                         capture_output=True, text=True, timeout=60)
+    res = subprocess.run([sys.executable, "-m", "bnexporter", "check-config", "--strict",
+                          str(path)], capture_output=True, text=True, timeout=60)
     assert res.returncode == 2
     assert res.stderr.strip() == f"bnexporter: {path}: models[0].path: not a directory " \
                                  "(does not exist)"
+    # without --strict a folder missing on this machine is a warning (run still refuses)
+    res = subprocess.run([sys.executable, "-m", "bnexporter", "check-config", str(path)],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert res.stderr.strip() == f"bnexporter: warning: {path}: models[0].path: " \
+        f"{tmp_path / 'no'}: not a directory here (bnexporter run refuses to start until it " \
+        "exists)"
+    path.write_text(yaml.safe_dump({"models": [{"name": "x", "path": str(tmp_path)}],
+                                    "log_level": "loud"}))
+    res = subprocess.run([sys.executable, "-m", "bnexporter", "check-config", str(path)],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
+
+
+def test_check_config_passes_on_the_shipped_example():
+    example = ROOT / "config.example.yaml"
+    res = subprocess.run([sys.executable, "-m", "bnexporter", "check-config", str(example)],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert "Traceback" not in res.stderr and "valid" in res.stdout
     assert res.stdout == ""

@@ -9,6 +9,7 @@ checked with ``promtool check metrics`` (see tests.support.daemon.DaemonProcess.
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import shutil
 import signal
@@ -80,8 +81,9 @@ def _expect_matches_scan(s: Scrape, model: str, path: Path) -> None:
     for layer in ref.bn_layers:
         assert s.get("bnexporter_layer_dead_channels", model=model, layer=layer.name) == \
             len(layer.dead)
-    assert s.get("bnexporter_model_checkpoint_info", model=model, path=str(path),
-                 format=ref.format) == 1
+    assert s.get("bnexporter_model_checkpoint_info", model=model, format=ref.format) == 1
+    # no label changes per checkpoint: the path is in /api/v1/models (_info_path), not here
+    assert not any("path" in x for x in s.series("bnexporter_model_checkpoint_info"))
 
 
 def test_startup_analyses_newest_by_step(env):
@@ -151,9 +153,14 @@ def test_fast_arrivals_under_polling_are_not_starved(env):
 TF = Path(__file__).resolve().parents[1] / "fixtures" / "tf"
 
 
-def _info_path(s: Scrape, model: str) -> str | None:
-    series = [x for x in s.series("bnexporter_model_checkpoint_info") if x["model"] == model]
-    return series[0]["path"] if series else None
+def _info_path(d: DaemonProcess, model: str) -> str | None:
+    """The exported checkpoint's path, from GET /api/v1/models."""
+    status, body, _ = d.request("/api/v1/models")
+    assert status == 200, body
+    for m in json.loads(body)["models"]:
+        if m["name"] == model and m["checkpoint"]:
+            return m["checkpoint"]["path"]
+    return None
 
 
 def test_tf_bundle_is_analysed_as_one_unit_when_announced(env):
@@ -170,16 +177,16 @@ def test_tf_bundle_is_analysed_as_one_unit_when_announced(env):
     def index(n: int) -> str:
         return str(folder / f"ckpt-{n}.index")
 
-    s = d.wait_for(lambda s: _info_path(s, "tfrun") == index(1), "ckpt-1 analysed")
+    s = d.wait_for(lambda s: _info_path(d, "tfrun") == index(1), "ckpt-1 analysed")
     _expect_matches_scan(s, "tfrun", folder / "ckpt-1.index")
     assert _step(s, "tfrun") == analyse_path(index(1)).step  # the step the file records
     # ckpt-2 written but not announced yet: still ckpt-1
     for name in ("ckpt-2.data-00000-of-00001", "ckpt-2.index"):
         shutil.copy(src / name, folder / name)
     time.sleep(SETTLE * 3)
-    assert _info_path(d.scrape(), "tfrun") == index(1)
+    assert _info_path(d, "tfrun") == index(1)
     (folder / "checkpoint").write_text('model_checkpoint_path: "ckpt-2"\n')
-    d.wait_for(lambda s: _info_path(s, "tfrun") == index(2), "ckpt-2 analysed once announced")
+    d.wait_for(lambda s: _info_path(d, "tfrun") == index(2), "ckpt-2 analysed once announced")
     # a sharded save announced before its last shard exists is not analysed until it does
     sharded = TF / "k3_sharded"
     shards = sorted(sharded.glob("ckpt-3.data-*"))
@@ -188,10 +195,10 @@ def test_tf_bundle_is_analysed_as_one_unit_when_announced(env):
     (folder / "checkpoint").write_text('model_checkpoint_path: "ckpt-3"\n')
     time.sleep(SETTLE * 3)
     s = d.scrape()
-    assert _info_path(s, "tfrun") == index(2)
+    assert _info_path(d, "tfrun") == index(2)
     assert s.get("bnexporter_model_up", model="tfrun") == 1
     shutil.copy(shards[-1], folder / shards[-1].name)
-    s = d.wait_for(lambda s: _info_path(s, "tfrun") == index(3), "sharded ckpt-3 once complete")
+    s = d.wait_for(lambda s: _info_path(d, "tfrun") == index(3), "sharded ckpt-3 once complete")
     _expect_matches_scan(s, "tfrun", folder / "ckpt-3.index")
 
 

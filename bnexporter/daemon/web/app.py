@@ -1,4 +1,5 @@
-"""HTTP: ``/metrics``, ``/``, ``/healthz``, ``POST /-/reload``.
+"""HTTP: ``/metrics`` (``--web.telemetry-path``), ``/``, ``/healthz`` = ``/-/healthy``,
+``/-/ready``, ``/api/v1/models`` (JSON), ``POST /-/reload``; HEAD wherever GET works.
 
 A small WSGI app composed around ``prometheus_client.make_wsgi_app`` (which
 keeps content negotiation, gzip and ``name[]`` filtering), served by wsgiref
@@ -16,6 +17,7 @@ exporter-toolkit, including ``/healthz``.
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import ssl
@@ -30,7 +32,7 @@ from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, gzip_accepted
 
 from bnexporter.daemon import names
-from bnexporter.daemon.state import Store
+from bnexporter.daemon.state import Snapshot, Store
 from bnexporter.daemon.web import landing
 from bnexporter.daemon.web.exposition import FastText
 from bnexporter.daemon.web.security import WebSecurity
@@ -49,8 +51,11 @@ Reload = Callable[[], tuple[bool, str]]
 class App:
     def __init__(self, store: Store, registry: CollectorRegistry, reload: Reload,
                  hooks: dict[str, Callable[[], str]] | None = None,
-                 security: WebSecurity | None = None):
+                 security: WebSecurity | None = None, telemetry_path: str = "/metrics",
+                 ready: Callable[[], bool] | None = None):
         self.store = store
+        self.telemetry_path = telemetry_path
+        self.ready = ready or (lambda: True)
         self.metrics = make_wsgi_app(registry)
         self.fast = FastText(store)
         self.reload = reload
@@ -71,8 +76,12 @@ class App:
     def _route(self, environ: dict[str, Any], start: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO") or "/"
         method = environ.get("REQUEST_METHOD", "GET")
+        if method == "HEAD":  # the headers GET would send (Content-Length too), no body
+            for _ in self._route({**environ, "REQUEST_METHOD": "GET"}, start):
+                pass
+            return []
         try:
-            if path == "/metrics":
+            if path == self.telemetry_path:
                 if method == "GET" and _text_ok(environ):
                     gz = gzip_accepted(environ.get("HTTP_ACCEPT_ENCODING", ""))
                     body = self.fast.body(gz)
@@ -82,8 +91,8 @@ class App:
             if path == "/":
                 return _send(start, "200 OK", landing.render(self.store.snapshot),
                              "text/html; charset=utf-8")
-            if path == "/healthz":
-                return self._health(start)
+            if path in ("/healthz", "/-/healthy", "/-/ready", "/api/v1/models"):
+                return self._status(path, start)
             if path == "/-/reload":
                 if method != "POST":
                     return _send(start, "405 Method Not Allowed", "use POST\n",
@@ -93,10 +102,18 @@ class App:
                              message + "\n")
             if path.startswith("/-/test/") and path[8:] in self.hooks and method == "POST":
                 return _send(start, "200 OK", self.hooks[path[8:]]() + "\n")
-            return _send(start, "404 Not Found", "not found; try /metrics\n")
+            return _send(start, "404 Not Found", f"not found; try {self.telemetry_path}\n")
         except Exception:
             log.exception("error while serving %s", path)
             return _send(start, "500 Internal Server Error", "internal error\n")
+
+    def _status(self, path: str, start: StartResponse) -> Iterable[bytes]:
+        """Health (``/healthz`` = ``/-/healthy``), readiness, the models as JSON."""
+        if path == "/api/v1/models":
+            return _send(start, "200 OK", models_json(self.store.snapshot), "application/json")
+        if path == "/-/ready" and not self.ready():
+            return _send(start, "503 Service Unavailable", "starting\n")
+        return self._health(start)
 
     def _health(self, start: StartResponse) -> Iterable[bytes]:
         snap = self.store.snapshot
@@ -105,6 +122,24 @@ class App:
             return _send(start, "503 Service Unavailable",
                          "".join(f"watcher dead: {r}\n" for r in dead))
         return _send(start, "200 OK", "ok\n")
+
+
+def models_json(snap: Snapshot) -> str:
+    """Each model's state and exported checkpoint (its path is here, not in a label)."""
+    out = []
+    for name in sorted(snap.models):
+        view = snap.models[name]
+        r = view.report
+        doc = None if r is None else r.to_json()
+        out.append({
+            "name": name, "folder": view.folder, "up": view.up, "error": view.error,
+            "checkpoint": None if doc is None else {
+                k: doc[k] for k in ("path", "format", "step", "size_bytes", "mtime",
+                                    "duration_seconds")},
+            "analysed_at": view.analysed_at,
+            "summary": None if doc is None else doc["summary"],
+            "errors": dict(view.errors)})
+    return json.dumps({"models": out}, indent=1) + "\n"
 
 
 def _text_ok(environ: dict[str, Any]) -> bool:

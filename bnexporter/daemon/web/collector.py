@@ -9,15 +9,21 @@ between; families are never mutated once built.
 from __future__ import annotations
 
 import functools
-import platform
 import re
 import threading
 from collections.abc import Iterator
 
+from prometheus_client import (
+    CollectorRegistry,
+    GCCollector,
+    PlatformCollector,
+    ProcessCollector,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from bnexporter import __version__
+from bnexporter.buildinfo import python_version, revision
 from bnexporter.daemon.config import MetricOptions
 from bnexporter.daemon.state import ModelView, Snapshot, Store
 from bnexporter.report import CHANNEL_CLASSES, CheckpointReport, LayerReport
@@ -35,9 +41,12 @@ def _regex(pattern: str) -> re.Pattern[str]:
 
 def select_layers(report: CheckpointReport, opts: MetricOptions) -> list[LayerReport]:
     """Layers to export per ``metrics:`` options: filter, then keep the K worst."""
-    if not opts.per_layer:
+    detail = opts.detail
+    if detail == "none":
         return []
     layers = list(report.bn_layers)
+    if detail == "findings":
+        layers = [x for x in layers if has_finding(x)]
     if opts.layer_include:
         inc = _regex(opts.layer_include)
         layers = [x for x in layers if inc.search(x.name)]
@@ -51,6 +60,11 @@ def select_layers(report: CheckpointReport, opts: MetricOptions) -> list[LayerRe
         keep = sorted(ranked[: opts.max_layers])
         layers = [layers[i] for i in keep]
     return layers
+
+
+def has_finding(layer: LayerReport) -> bool:
+    """Any channel in any class (dead ... saturated, would-be-dead), or never updated."""
+    return layer.never_updated or any(getattr(layer, name) for name, _ in CHANNEL_CLASSES)
 
 
 def collapsed_layers(report: CheckpointReport) -> int:
@@ -107,10 +121,13 @@ def model_families(models: list[ModelView]) -> list[Metric]:
                       "finished (Unix seconds).", m)
     duration = _gauge("model_analysis_duration_seconds", "How long the exported analysis "
                       "took.", m)
-    ck_info = _gauge("model_checkpoint_info", "The analysed checkpoint's path and format.",
-                     ["model", "path", "format"])
+    ck_info = _gauge("model_checkpoint_info", "The analysed checkpoint's format (its path is "
+                     "on the page and in /api/v1/models: a label would be a new series per "
+                     "checkpoint).", ["model", "format"])
     up = _gauge("model_up", "1: the newest checkpoint was analysed; 0: it could not be read "
-                "(the previous good results stay exported).", m)
+                "(the previous good results stay exported); absent: no checkpoint yet.", m)
+    series = _gauge("model_exported_series", "Series this exporter exports for the model, "
+                    "this one included (budget: docs/metrics-contract.md).", m)
     errs = CounterMetricFamily(P + "model_checkpoint_errors", "Checkpoints that never became "
                                "readable, by reason (each file counts once).",
                                labels=["model", "reason"])
@@ -123,7 +140,8 @@ def model_families(models: list[ModelView]) -> list[Metric]:
 
     for view in models:
         name = view.name
-        up.add_metric([name], 1.0 if view.up else 0.0)
+        if view.report is not None or not view.up:  # no checkpoint yet: no model_up
+            up.add_metric([name], 1.0 if view.up else 0.0)
         for reason, n in sorted(view.errors.items()):
             errs.add_metric([name, reason], float(n))
         r = view.report
@@ -159,24 +177,42 @@ def model_families(models: list[ModelView]) -> list[Metric]:
         if view.analysed_at is not None:
             analysed.add_metric([name], view.analysed_at)
         duration.add_metric([name], r.duration_seconds)
-        ck_info.add_metric([name, r.path, r.format or "unknown"], 1.0)
+        ck_info.add_metric([name, r.format or "unknown"], 1.0)
         if view.metrics.per_tensor:
-            for tensor in r.tensors:
-                size = tensor.size
-                if size:
-                    t_nonfinite.add_metric([name, tensor.name], tensor.nonfinite / size)
-                    t_extreme.add_metric([name, tensor.name], (tensor.huge + tensor.tiny) / size)
-                t_anomaly.add_metric([name, tensor.name, tensor.role, tensor.anomaly or "none"],
-                                     1.0 if tensor.anomaly else 0.0)
-    return [*lf.values(), info, *mf.values(), collapsed, nonfinite, extreme, anomalous,
-            never_updated, dead_filters, step, mtime, analysed, duration, ck_info, up, errs,
-            t_nonfinite, t_extreme, t_anomaly]
+            _tensor_samples(name, r, t_nonfinite, t_extreme, t_anomaly)
+    out = [*lf.values(), info, *mf.values(), collapsed, nonfinite, extreme, anomalous,
+           never_updated, dead_filters, step, mtime, analysed, duration, ck_info, up, errs,
+           t_nonfinite, t_extreme, t_anomaly]
+    _count_series(out, models, series)
+    out.insert(out.index(errs) + 1, series)
+    return out
+
+
+def _tensor_samples(name: str, r: CheckpointReport, t_nonfinite: GaugeMetricFamily,
+                    t_extreme: GaugeMetricFamily, t_anomaly: GaugeMetricFamily) -> None:
+    for tensor in r.tensors:
+        size = tensor.size
+        if size:
+            t_nonfinite.add_metric([name, tensor.name], tensor.nonfinite / size)
+            t_extreme.add_metric([name, tensor.name], (tensor.huge + tensor.tiny) / size)
+        t_anomaly.add_metric([name, tensor.name, tensor.role, tensor.anomaly or "none"],
+                             1.0 if tensor.anomaly else 0.0)
+
+
+def _count_series(families: list[Metric], models: list[ModelView],
+                  series: GaugeMetricFamily) -> None:
+    counts = dict.fromkeys((v.name for v in models), 1)  # 1: model_exported_series itself
+    for family in families:
+        for sample in family.samples:
+            counts[sample.labels["model"]] += 1
+    for name, n in counts.items():
+        series.add_metric([name], float(n))
 
 
 def exporter_families(s: Snapshot) -> list[Metric]:
-    build = _gauge("build_info", "bnexporter version and Python version.",
-                   ["version", "python_version"])
-    build.add_metric([__version__, platform.python_version()], 1.0)
+    build = _gauge("build_info", "bnexporter version, source revision and Python version.",
+                   ["version", "revision", "python_version"])
+    build.add_metric([__version__, revision(), python_version()], 1.0)
     analyses = CounterMetricFamily(P + "analyses", "Analysis attempts by outcome (retry: "
                                    "not readable yet, will be tried again).", labels=["outcome"])
     for outcome, n in s.analyses.items():
@@ -200,6 +236,19 @@ def exporter_families(s: Snapshot) -> list[Metric]:
     return [build, analyses, errors, watched, pending, up, restarts, polling]
 
 
+# process_* (CPU, memory, fds, start time) and python_* (python_info, gc), as every
+# prometheus_client program exports them; never registered in the global REGISTRY
+_UNUSED = CollectorRegistry(auto_describe=False)  # the collectors insist on registering
+RUNTIME: tuple[Collector, ...] = (ProcessCollector(registry=_UNUSED),
+                                  PlatformCollector(registry=_UNUSED),
+                                  GCCollector(registry=_UNUSED))
+
+
+def runtime_families() -> Iterator[Metric]:
+    for collector in RUNTIME:
+        yield from collector.collect()
+
+
 class SnapshotCollector(Collector):
     def __init__(self, store: Store):
         self._store = store
@@ -211,6 +260,7 @@ class SnapshotCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         snap = self._store.snapshot
+        yield from runtime_families()
         yield from exporter_families(snap)
         yield from self._models(snap)
 

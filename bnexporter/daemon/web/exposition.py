@@ -23,7 +23,7 @@ from prometheus_client.utils import floatToGoString
 
 from bnexporter.daemon import names
 from bnexporter.daemon.state import ModelView, Store
-from bnexporter.daemon.web.collector import exporter_families, model_families
+from bnexporter.daemon.web.collector import exporter_families, model_families, runtime_families
 
 GZIP_LEVEL = 1  # level 9 (the client default) costs ~15x the time for ~20% less
 
@@ -57,6 +57,7 @@ class _Exporter(Collector):
         return []
 
     def collect(self) -> Iterator[Metric]:
+        yield from runtime_families()
         yield from exporter_families(self.store.snapshot)
 
 
