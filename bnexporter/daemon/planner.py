@@ -39,6 +39,7 @@ from bnexporter.daemon.policy import (
     settled,
 )
 from bnexporter.daemon.state import ModelView, Store, frozen
+from bnexporter.detection.prune import plan as prune_plan
 from bnexporter.report import CheckpointReport
 
 log = logging.getLogger("bnexporter.planner")
@@ -552,17 +553,22 @@ class Planner:
                      m.name, job.cand.path)
             return
         m.exported = job.cand
+        plan = prune_plan(report)  # before the tensors go: it needs their shapes
         if not m.target.analysis.metrics.per_tensor:  # not exported: do not keep it in memory
-            report = replace(report, tensors=[])
+            report = replace(report, tensors=[t for t in report.tensors  # but the page's few
+                                              if t.anomaly or t.nonfinite][:100])
         s = report.summary
         log.info("model %s: analysed %s (step %s): %d BN layers, %d/%d dead, %d near-dead, "
                  "%.2f s", m.name, job.cand.path, report.step if report.step is not None else "?",
                  s.bn_layers, s.dead, s.channels, s.near_dead, report.duration_seconds)
+        history = m.view.history.add(report, self.wall())  # since when, newly dead
         if m.given_up is not None and is_newer(Key.of(m.given_up), Key.of(job.cand)):
-            self._set_view(m, report=report, analysed_at=self.wall())  # a newer one failed
-            return
+            self._set_view(m, report=report, analysed_at=self.wall(), history=history,
+                           prune=plan)
+            return  # a newer one failed
         m.given_up = None
-        self._set_view(m, report=report, analysed_at=self.wall(), up=True, error=None)
+        self._set_view(m, report=report, analysed_at=self.wall(), up=True, error=None,
+                       history=history, prune=plan)
 
     def _set_view(self, m: ModelState, **changes: Any) -> None:
         m.view = replace(m.view, **changes)

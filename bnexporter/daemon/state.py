@@ -14,6 +14,8 @@ from types import MappingProxyType
 from typing import Any
 
 from bnexporter.daemon.config import MetricOptions
+from bnexporter.daemon.history import History
+from bnexporter.detection.prune import PrunePlan
 from bnexporter.report import CheckpointReport
 
 OUTCOMES = ("success", "error", "retry")
@@ -37,6 +39,8 @@ class ModelView:
     up: bool = True
     error: str | None = None                 # the message that made up = 0
     errors: Mapping[str, int] = field(default_factory=lambda: _EMPTY)  # reason -> count
+    history: History = field(default_factory=History)  # the last analyses (history.py)
+    prune: PrunePlan | None = None           # what could be removed (detection/prune.py)
 
 
 @dataclass(frozen=True)

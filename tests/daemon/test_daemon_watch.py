@@ -106,7 +106,8 @@ def test_demo_serves_a_dying_run(tmp_path: Path):
                 steps.append(step)
             time.sleep(0.2)
         assert len(steps) >= 3 and steps == sorted(steps), steps
-        assert s.get("bnexporter_layer_info", model="demo-run", layer="bn4", consumer="add",
+        assert s.get("bnexporter_layer_info", model="demo-run", layer="block_2_project_BN",
+                     consumer="add",
                      consumer_source="config") == 1
         with urllib.request.urlopen(url, timeout=5) as resp:
             assert "demo-run" in resp.read().decode()

@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Iterable
 from socketserver import ThreadingMixIn
 from typing import Any
+from urllib.parse import unquote
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
@@ -33,7 +34,7 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, gzip_accepted
 
 from bnexporter.daemon import names
 from bnexporter.daemon.state import Snapshot, Store
-from bnexporter.daemon.web import landing
+from bnexporter.daemon.web import landing, page
 from bnexporter.daemon.web.exposition import FastText
 from bnexporter.daemon.web.security import WebSecurity
 from bnexporter.daemon.web.webconfig import allowed_san
@@ -90,7 +91,13 @@ class App:
                 return self.metrics(environ, start)
             if path == "/":
                 return _send(start, "200 OK", landing.render(self.store.snapshot),
-                             "text/html; charset=utf-8")
+                             "text/html; charset=utf-8", list(page.HEADERS))
+            if path.startswith("/model/"):  # one model's page
+                html = landing.model_page(self.store.snapshot, unquote(path[7:]))
+                if html is None:
+                    return _send(start, "404 Not Found", "no such model\n")
+                return _send(start, "200 OK", html, "text/html; charset=utf-8",
+                             list(page.HEADERS))
             if path in ("/healthz", "/-/healthy", "/-/ready", "/api/v1/models"):
                 return self._status(path, start)
             if path == "/-/reload":

@@ -1,95 +1,93 @@
-"""The ``/`` page: every model at a glance, with a per-layer bar chart of dead
-fractions as inline SVG. No scripts, no external assets; every name from a file
-or folder is HTML-escaped."""
+"""The ``/`` page (every model at a glance) and ``/model/<name>`` (one model in full).
+
+The overview has a row per model: status, step, when its checkpoint was written, the
+dead and near-dead share with a sparkline over the history, what is newly dead,
+the worst layers and what decided it; then, for the worst models, the dying layers
+and the heatmap. The HTML itself is in ``page.py`` (no scripts, no external assets,
+a strict CSP, every name escaped); the page reloads itself every ``REFRESH`` seconds.
+"""
 
 from __future__ import annotations
 
-import html
 import time
+from urllib.parse import quote
 
-from bnexporter import __version__
 from bnexporter.daemon.state import ModelView, Snapshot, WatcherView
+from bnexporter.daemon.web.page import (
+    age,
+    decided_by,
+    document,
+    dying_table,
+    e,
+    heat_legend,
+    heatmap,
+    model_body,
+    pct,
+    sparkline,
+    step_text,
+    when,
+)
 
-MAX_CHARTS = 50        # models with a chart (the worst first); a table row for every model
-MAX_BARS = 400         # layers per chart
-_CSS = """
-body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222}
-table{border-collapse:collapse;margin:1em 0}th,td{padding:.25em .7em;text-align:left}
-tr:nth-child(even){background:#f4f4f4}td.n{text-align:right;font-variant-numeric:tabular-nums}
-.down{color:#b00;font-weight:bold}.ok{color:#070}svg{display:block;margin:.3em 0 1.2em}
-h2{font-size:1.05em;margin:1.2em 0 .2em}code{font-size:.92em}.muted{color:#777}
-"""
+MAX_CHARTS = 6         # models shown with dying layers and heatmap (the worst first)
+REFRESH = 10           # seconds between reloads of the page
+
+__all__ = ["MAX_CHARTS", "age", "model_page", "model_url", "render"]
 
 
-def _e(value: object) -> str:
-    return html.escape(str(value), quote=True)
-
-
-def age(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    s = max(0, int(seconds))
-    if s < 120:
-        return f"{s} s"
-    if s < 7200:
-        return f"{s // 60} min"
-    if s < 172800:
-        return f"{s // 3600} h"
-    return f"{s // 86400} d"
+def model_url(name: str) -> str:
+    return "/model/" + quote(name, safe="")
 
 
 def _row(v: ModelView, now: float) -> str:
     r = v.report
-    status = '<span class="ok">up</span>' if v.up else '<span class="down">DOWN</span>'
+    status = '<span class="badge up">up</span>' if v.up else \
+        '<span class="badge down">DOWN</span>'
+    link = f'<a href="{e(model_url(v.name))}"><strong>{e(v.name)}</strong></a>'
+    err = f'<div class="small dead">{e(v.error)}</div>' if v.error else ""
     if r is None:
-        cells = '<td colspan="6" class="muted">no checkpoint analysed yet</td>'
-    else:
-        s = r.summary
-        step = "?" if r.step is None else r.step
-        cells = (f'<td class="n">{_e(step)}</td>'
-                 f'<td class="n">{_e(age(now - r.mtime if r.mtime else None))}</td>'
-                 f'<td class="n">{s.dead} ({100 * s.dead_ratio:.1f}%)</td>'
-                 f'<td class="n">{s.near_dead} ({100 * s.near_dead_ratio:.1f}%)</td>'
-                 f'<td class="n">{s.channels} / {s.bn_layers}</td>'
-                 f'<td><code>{_e(r.path)}</code></td>')
-    err = f'<br><span class="down">{_e(v.error)}</span>' if v.error else ""
-    return f"<tr><td><a href=\"#m-{_e(v.name)}\">{_e(v.name)}</a>{err}</td><td>{status}</td>" \
-           f"{cells}</tr>"
+        return (f"<tr><td>{link}{err}</td><td>{status}</td>"
+                '<td colspan="7" class="muted">no checkpoint analysed yet</td></tr>')
+    s, h = r.summary, v.history
+    worst = ", ".join(f"<code>{e(x.name)}</code> {len(x.dead)}/{x.channels}"
+                      for x in r.worst_layers(3) if x.dead)
+    newly = h.newly_dead
+    return (f"<tr><td>{link}{err}</td><td>{status}</td>"
+            f'<td class="n">{e(step_text(r.step))}</td>'
+            f'<td class="n">{when(r.mtime, now)}</td>'
+            f'<td class="n"><span class="dead">{pct(s.dead_ratio)}</span> '
+            f'<span class="muted small">{s.dead}</span></td>'
+            f'<td class="n"><span class="near">{pct(s.near_dead_ratio)}</span> '
+            f'<span class="muted small">{s.near_dead}</span></td>'
+            f"<td>{sparkline(h.points, 110, 24, f'{v.name}: ')}</td>"
+            f'<td class="n">{"+" + str(newly) if newly else "0"}</td>'
+            f'<td class="small">{worst or "-"}<div class="muted wide">'
+            f"{e(decided_by(r))}</div></td></tr>")
 
 
-def chart(v: ModelView) -> str:
-    """Bars of dead (dark) over near-dead (light) fraction per layer, in file order."""
+def _card(v: ModelView) -> str:
     r = v.report
-    if r is None or not r.bn_layers:
-        return ""
-    layers = r.bn_layers[:MAX_BARS]
-    width, height, gap = 6, 80, 1
-    w = max(200, len(layers) * (width + gap))
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{height + 2}" '
-             f'role="img" aria-label="dead fraction per layer of {_e(v.name)}">',
-             f'<rect x="0" y="0" width="{w}" height="{height}" fill="#fafafa" '
-             'stroke="#ddd"/>']
-    for i, layer in enumerate(layers):
-        x = i * (width + gap)
-        near = min(1.0, layer.dead_ratio + layer.near_dead_ratio)
-        tip = (f"{layer.name}: {len(layer.dead)}/{layer.channels} dead, "
-               f"{len(layer.near_dead)} near-dead, consumer {layer.consumer}")
-        parts.append(f"<g><title>{_e(tip)}</title>"
-                     f'<rect x="{x}" y="{height * (1 - near):.1f}" width="{width}" '
-                     f'height="{height * near:.1f}" fill="#f2b8a0"/>'
-                     f'<rect x="{x}" y="{height * (1 - layer.dead_ratio):.1f}" '
-                     f'width="{width}" height="{height * layer.dead_ratio:.1f}" fill="#b3261e"/>'
-                     "</g>")
-    parts.append("</svg>")
-    more = (f'<p class="muted">first {MAX_BARS} of {len(r.bn_layers)} layers</p>'
-            if len(r.bn_layers) > MAX_BARS else "")
-    return "".join(parts) + more
+    assert r is not None
+    return (f'<h2 id="m-{e(v.name)}"><a href="{e(model_url(v.name))}">{e(v.name)}</a> '
+            f'<span class="muted small">step {e(step_text(r.step))}, '
+            f"{pct(r.summary.dead_ratio)} dead</span></h2>"
+            + dying_table(r, v.history, limit=6)
+            + f'<div class="scroll">{heatmap(r, v.history, compact=True)}</div>'
+            + f'<p class="small"><a href="{e(model_url(v.name))}">every layer by name, the '
+            "heatmap with labels, the prune plan and the anomalous tensors</a></p>")
 
 
 def _watcher(w: WatcherView) -> str:
     how = "polling" if w.polling else "inotify"
-    dead = "" if w.up else ' <span class="down">DEAD</span>'
-    return f'<li><code>{_e(w.root)}</code>: {how}{dead} <span class="muted">{_e(w.why)}</span></li>'
+    dead = "" if w.up else ' <span class="badge down">DEAD</span>'
+    return f'<li><code>{e(w.root)}</code>: {how}{dead} <span class="muted">{e(w.why)}</span></li>'
+
+
+def _nav(snap: Snapshot) -> str:
+    return ('<a href="/">overview</a><a href="/metrics">/metrics</a>'
+            '<a href="/healthz">/healthz</a>'
+            f'<span class="v">{len(snap.models)} models, {snap.queue_pending} waiting, '
+            f"analyses {snap.analyses.get('success', 0)} ok / "
+            f"{snap.analyses.get('error', 0)} failed</span>")
 
 
 def render(snap: Snapshot, now: float | None = None) -> str:
@@ -98,26 +96,34 @@ def render(snap: Snapshot, now: float | None = None) -> str:
     rows = "".join(_row(v, now) for v in views)
     worst = sorted((v for v in views if v.report is not None and v.report.bn_layers),
                    key=lambda v: (-v.report.summary.dead_ratio, v.name))  # type: ignore[union-attr]
-    charts = "".join(f'<h2 id="m-{_e(v.name)}">{_e(v.name)}</h2>{chart(v)}'
-                     for v in worst[:MAX_CHARTS])
+    cards = "".join(_card(v) for v in worst[:MAX_CHARTS])
     if len(worst) > MAX_CHARTS:
-        charts += f'<p class="muted">charts for the {MAX_CHARTS} worst models only</p>'
+        cards += (f'<p class="muted">details for the {MAX_CHARTS} worst models here; every '
+                  "model has its own page (the links above)</p>")
+    if cards:
+        cards = heat_legend() + cards
     watchers = "".join(_watcher(w) for w in sorted(snap.watchers.values(),
                                                        key=lambda w: w.root))
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>bnexporter</title>
-<meta name="viewport" content="width=device-width, initial-scale=1"><style>{_CSS}</style>
-</head><body>
-<h1>bnexporter <span class="muted">{_e(__version__)}</span></h1>
-<p><a href="/metrics">/metrics</a> · <a href="/healthz">/healthz</a> ·
-{len(views)} models · {snap.queue_pending} waiting for analysis ·
-analyses: {snap.analyses.get('success', 0)} ok, {snap.analyses.get('error', 0)} failed</p>
-<table><thead><tr><th>model</th><th>status</th><th>step</th><th>age</th><th>dead</th>
-<th>near-dead</th><th>channels / BN layers</th><th>checkpoint</th></tr></thead>
-<tbody>{rows}</tbody></table>
-<p class="muted">Bars: dead (dark) and near-dead (light) fraction of each BN layer's
-channels, in file order; hover a bar for the layer name.</p>
-{charts}
-<h2>watchers</h2><ul>{watchers}</ul>
-</body></html>
-"""
+    body = f"""<h2>Models</h2>
+<div class="scroll"><table><thead><tr><th>model</th><th>status</th><th class="n">step</th>
+<th class="n">checkpoint written</th><th class="n">dead</th><th class="n">near-dead</th>
+<th>trend</th><th class="n">newly dead</th><th>worst layers &middot; decided by</th></tr></thead>
+<tbody>{rows}</tbody></table></div>
+<p class="small muted">Dead / near-dead: share of the channels of BN layers that feed a ReLU.
+Trend: dead (solid) and dead + near-dead (dashed) over the checkpoints kept. Newly dead:
+channels dead now that were not at the previous checkpoint. Checkpoint written: the file's
+modification time.</p>
+{cards}
+<h2>Watchers</h2><ul>{watchers}</ul>"""
+    return document("bnexporter", body, REFRESH, _nav(snap))
+
+
+def model_page(snap: Snapshot, name: str, now: float | None = None) -> str | None:
+    """The page of one model, or None when the daemon does not watch it."""
+    v = snap.models.get(name)
+    if v is None:
+        return None
+    now = time.time() if now is None else now
+    body = model_body(v.name, v.report, v.history, v.prune, now, up=v.up, error=v.error,
+                      errors=dict(v.errors), analysed_at=v.analysed_at, folder=v.folder)
+    return document(f"{v.name} - bnexporter", body, REFRESH, _nav(snap))
