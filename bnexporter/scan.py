@@ -167,7 +167,7 @@ def _scan_tensor(reader: Reader, info: TensorInfo, th: Thresholds, chunk: int,
     is_kernel = (len(info.shape) >= 2 and bool(_KERNEL_NAME.search(info.name))
                  and "embed" not in info.name.lower())
     role = role_of(info.name, roles or {}, is_kernel, auxiliary, info.dtype)
-    verdict = judge(st, role, info.dtype, th)
+    verdict = judge(st, role, info.dtype)
     kind, detail = verdict if verdict else (None, None)
     if auxiliary:
         # optimizer moments are tiny by nature: only non-finite values mean trouble there

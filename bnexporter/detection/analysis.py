@@ -28,11 +28,6 @@ class Thresholds:
     constant_rel: float = 1e-3    # output std below this times |beta|: input-independent
     extreme: float = 1e5          # |w| > T huge, 0 < |w| < 1/T tiny (capped per dtype)
     dead_filter_rel: float = 1e-6  # filter norm below this times the median norm: dead
-    # role-aware tensor anomalies (extremes.py, docs/extremes.md)
-    extreme_deep: float = 1e-25   # 0 < |w| below this: no healthy tail value goes there
-    extreme_alpha: float = 1e-7   # Poisson tail probability of "far above expectation"
-    extreme_slack: float = 4.0    # allowed density(0) / band-estimate factor
-    extreme_tiny_fraction: float = 0.25  # or this share of a kernel's values below 1/T
     refine: bool = True           # refine p_active from producer kernels (refine.py)
     refine_kernel_max: int = 1 << 22  # larger producer kernels keep the plain estimate
 
@@ -172,6 +167,10 @@ def extreme_limits(dtype: str, extreme: float) -> tuple[float, float]:
     return min(extreme, largest / 8.0), max(1.0 / extreme, smallest_normal)
 
 
+# 0 < |w| below this is never a healthy tail value (docs/extremes.md)
+DEEP_LIMIT = 1e-25
+
+
 def band_edges(dtype: str, th: Thresholds = Thresholds()) -> tuple[float, float, float, float]:
     """(smallest normal, deep limit, tiny limit L, 100 L) for a dtype.
 
@@ -181,7 +180,7 @@ def band_edges(dtype: str, th: Thresholds = Thresholds()) -> tuple[float, float,
     """
     tiny = extreme_limits(dtype, th.extreme)[1]
     smallest = dtypes.finfo_limits(dtype)[1] if dtypes.is_float(dtype) else 0.0
-    deep = th.extreme_deep if smallest < th.extreme_deep < tiny else 0.0
+    deep = DEEP_LIMIT if smallest < DEEP_LIMIT < tiny else 0.0
     return smallest, deep, tiny, 100.0 * tiny
 
 

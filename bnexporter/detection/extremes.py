@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 import numpy as np
 
-from bnexporter.detection.analysis import TensorStats, Thresholds
+from bnexporter.detection.analysis import DEEP_LIMIT, TensorStats
 from bnexporter.formats import dtypes
 
 # roles
@@ -96,15 +97,25 @@ def expected_tiny(b1: int, b2: int) -> float:
     return max((b1 + 1) / 9.0, (b2 + 1) / 90.0)
 
 
-_DEFAULT = Thresholds()
+@dataclass(frozen=True)
+class ExtremeThresholds:
+    """The rule's thresholds (reasoning in docs/extremes.md)."""
+    deep: float = DEEP_LIMIT     # 0 < |w| below this: no healthy tail value goes there
+    alpha: float = 1e-7          # Poisson tail probability of "far above expectation"
+    slack: float = 4.0           # allowed density(0) / band-estimate factor
+    tiny_fraction: float = 0.25  # ... and at least this share of the non-zero values
 
 
-def judge(st: TensorStats, role: str, dtype: str, th: Thresholds = _DEFAULT
+_DEFAULT = ExtremeThresholds()
+
+
+def judge(st: TensorStats, role: str, dtype: str, th: ExtremeThresholds = _DEFAULT
           ) -> tuple[str, str] | None:
     """(kind, detail) of the first anomaly found in one tensor's stats, or None.
 
     ``st`` comes from :class:`~bnexporter.detection.analysis.TensorScan`; the
-    thresholds are the ``extreme*`` fields of ``Thresholds``.
+    thresholds are :class:`ExtremeThresholds` (the scan's band edges come from
+    ``Thresholds.extreme`` and the dtype).
     """
     size = st.size
     nonfinite = st.nonfinite
@@ -127,14 +138,14 @@ def judge(st: TensorStats, role: str, dtype: str, th: Thresholds = _DEFAULT
         var_zero = zero if role == VAR and zero < size else 0
         if deep or var_zero:
             n = deep + var_zero
-            return DEAD_INPUT_STATS, (f"{n} values below {th.extreme_deep:g}: input never varies "
+            return DEAD_INPUT_STATS, (f"{n} values below {th.deep:g}: input never varies "
                                       "(seed dead-input pattern)")
         return None
     huge = st.huge
     if huge:
         return HUGE, f"{huge} values above the huge limit, max |w| {max_abs:.3g}"
     if deep:
-        return DEEP_TINY, f"{deep} values with 0 < |w| < {th.extreme_deep:g}"
+        return DEEP_TINY, f"{deep} values with 0 < |w| < {th.deep:g}"
     min_abs = st.min_abs
     constant = size > 1 and min_abs == max_abs and neg in (0, size)
     if role == KERNEL:
@@ -151,9 +162,9 @@ def judge(st: TensorStats, role: str, dtype: str, th: Thresholds = _DEFAULT
         # towards 0 under weight decay are a channel finding, not a tensor anomaly)
         k = st.tiny - st.deep
         e = expected_tiny(st.band1, st.band2)
-        lam = th.extreme_slack * e
-        if k > lam and k >= th.extreme_tiny_fraction * (size - zero) and \
-                poisson_sf(k, lam) < th.extreme_alpha:
+        lam = th.slack * e
+        if k > lam and k >= th.tiny_fraction * (size - zero) and \
+                poisson_sf(k, lam) < th.alpha:
             return TINY_EXCESS, (f"{k} of {size} values in (0, 1/T), about {e:.3g} expected "
                                  "from the density above 1/T")
     return None
