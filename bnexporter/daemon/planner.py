@@ -126,6 +126,12 @@ class ModelState:
         return self.target.name
 
 
+def holds_no_model(report: CheckpointReport) -> bool:
+    """No BN layer and no kernel: a stray file that matched the patterns (an .npz of
+    metrics, a tokenizer .bin). It never replaces a good result; it is logged as skipped."""
+    return not report.bn_layers and not any(t.role == "kernel" for t in report.tensors)
+
+
 def _inside(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
@@ -527,7 +533,12 @@ class Planner:
         self._publish_pending()
         now_cand = stat_candidate(job.cand)
         changed = now_cand is not None and now_cand.sig != job.cand.sig
-        if report.ok and not changed:
+        if report.ok and not changed and holds_no_model(report):
+            m.finished.add((job.cand.path, job.cand.sig))
+            m.retries.pop((job.cand.path, job.cand.sig), None)
+            log.warning("model %s: skipping %s: no BatchNorm layer and no model weights in it",
+                        m.name, job.cand.path)
+        elif report.ok and not changed:
             self._succeeded(m, job, report)
         elif report.ok:
             # bytes of two versions may have been mixed: never export that; the new

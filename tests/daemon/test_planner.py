@@ -19,7 +19,7 @@ from bnexporter.daemon.config import Analysis, Config, ModelSpec, Retry
 from bnexporter.daemon.planner import DEBOUNCE, Done, Event, Planner, Reconfigure
 from bnexporter.daemon.policy import Job
 from bnexporter.daemon.state import ModelView, Store
-from bnexporter.report import CheckpointReport, Summary, failed
+from bnexporter.report import CheckpointReport, LayerReport, Summary, failed
 from tests.support.imports import import_graph
 
 SETTLE = 2.0
@@ -100,9 +100,12 @@ class Harness:
         return self.store.snapshot.models["m"]
 
 
+BN = LayerReport("bn", 4, 1e-5, "default:pytorch", "relu", "config")
+
+
 def ok(job: Job) -> CheckpointReport:
     return CheckpointReport(path=job.cand.path, format="safetensors", step=job.cand.step,
-                            error=None, summary=Summary())
+                            error=None, summary=Summary(), bn_layers=[BN])
 
 
 def name(job: Job | None) -> str | None:
@@ -346,3 +349,29 @@ def test_events_outside_every_model_are_ignored(h: Harness, tmp_path: Path):
 def test_the_planner_does_not_import_the_worker():
     deps = import_graph()["bnexporter.daemon.planner"]
     assert "bnexporter.daemon.worker" not in deps
+
+
+def test_a_file_with_no_model_never_replaces_a_good_result(h: Harness):
+    h.write("step_100.safetensors", age=60)
+    h.start()
+    h.finish(h.take())
+    assert h.view.report is not None and h.view.report.step == 100
+    h.write("step_200.safetensors")  # a stray file: arrays, but no BN layer and no kernel
+    h.tick(DEBOUNCE)
+    h.tick(SETTLE)
+    job = h.take()
+    assert name(job) == "step_200.safetensors"
+    h.finish(job, CheckpointReport(path=job.cand.path, format="npz", step=200, error=None,
+                                   summary=Summary()))
+    assert h.view.report.step == 100 and h.view.up  # the good result stays
+    h.tick(SETTLE)
+    assert h.take() is None  # skipped once, not tried again
+
+
+def test_a_model_with_only_a_stray_file_has_no_result_and_no_model_up(h: Harness):
+    h.write("metrics.safetensors", age=60)
+    h.start()
+    job = h.take()
+    h.finish(job, CheckpointReport(path=job.cand.path, format="npz", step=None, error=None,
+                                   summary=Summary()))
+    assert h.view.report is None and h.view.up and h.view.error is None
