@@ -179,9 +179,11 @@ def _k3_groups(reader: Reader, graph: KerasGraph | None) -> dict[str, dict[str, 
             scale = bool(spec.config.get("scale", True))
             center = bool(spec.config.get("center", True))
         else:
+            # Keras 3 names weight paths after the class: without a config only a
+            # batch_normalization path is a BN (a LayerNormalization also holds two
+            # vectors of one shape, and a ConvNeXt has dozens)
             base = path.rsplit("/", 1)[-1]
-            if not re.match(r"^(sync_)?batch_normalization(_v\d)?(_\d+)?$", base) \
-                    and len(tensors) not in (2, 4):
+            if not re.match(r"^(sync_)?batch_normalization(_v\d)?(_\d+)?$", base):
                 continue
             scale, center = {4: (True, True), 3: (False, True), 2: (False, False)}.get(
                 len(tensors), (True, True))

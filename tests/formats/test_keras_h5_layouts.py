@@ -50,3 +50,23 @@ def test_hdf5_with_a_userblock_is_detected(tmp_path):
         g.create_dataset("bn/moving_variance:0", data=np.ones(4, np.float32))
     report = analyse_path(path)
     assert report.error is None and report.summary.bn_layers == 1
+
+
+def test_keras3_layer_norm_without_config_is_not_a_batchnorm(tmp_path):
+    """Keras 3 paths are named after the class: two same-shape vectors under
+    layer_normalization are gamma / beta of a LayerNorm, never a BN's mean / var."""
+    import h5py
+    import numpy as np
+
+    from bnexporter.detection.discovery import discover
+    from bnexporter.formats import open_reader
+
+    path = tmp_path / "m.weights.h5"
+    with h5py.File(path, "w") as f:
+        for name, n in (("layer_normalization", 2), ("batch_normalization", 4)):
+            g = f.create_group(f"layers/{name}/vars")
+            for i in range(n):
+                g.create_dataset(str(i), data=np.full(8, 1.0 + i, np.float32))
+    with open_reader(str(path)) as reader:
+        names = [layer.name for layer in discover(reader)]
+    assert names == ["layers/batch_normalization"]
