@@ -160,7 +160,9 @@ def _scan_tensor(reader: Reader, info: TensorInfo, th: Thresholds, chunk: int,
         shape = (*shape[:-2], shape[-2])
 
     scan = TensorScan(shape, info.dtype, th, axis)
-    for start, part in reader.iter_chunks(info.name, chunk, scan.align):
+    # cache-sized raw pieces into one reused buffer (the decoded chunks where the
+    # format has no contiguous bytes); ``chunk`` bounds the decoded fallback
+    for start, part in reader.iter_raw(info.name, min(chunk, scan.piece_elements)):
         scan.update(start, part)
     st = scan.result()
     auxiliary = info.name in reader.meta.auxiliary

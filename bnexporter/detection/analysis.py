@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from bnexporter.detection import kernel
 from bnexporter.formats import dtypes
 from bnexporter.report import RELU_LIKE
 
@@ -189,8 +190,14 @@ class TensorScan:
 
     ``out_axis`` names the output-filter layout of a conv / dense kernel: 0
     (PyTorch: filter = leading index), -1 (Keras: filter = trailing index), or
-    None for tensors that are not kernels. Chunks must start at multiples of
-    :meth:`align`.
+    None for tensors that are not kernels. Chunks may start anywhere (``align``
+    is 1); they must come in order without gaps only in the sense that every
+    element is passed once.
+
+    Float tensors go through :class:`bnexporter.detection.kernel.BitKernel`
+    (integer tests on bit patterns, cache-sized pieces, reused buffers); chunks
+    are either the raw storage bits (``Reader.iter_raw``) or decoded arrays
+    (``Reader.iter_chunks``). Integer / bool / complex tensors use plain numpy.
     """
 
     def __init__(self, shape: tuple[int, ...], dtype: str, th: Thresholds = Thresholds(),
@@ -214,16 +221,35 @@ class TensorScan:
         else:
             self.filters, self.row = 0, 1
         self.sumsq = np.zeros(self.filters, dtype=np.float64) if self.filters else None
+        self.kind = kernel.kind_of(dtype)
+        self._bits: kernel.BitKernel | None = None
+        if self.kind is not None:
+            sp = kernel.spec(dtype, self.kind, self.huge_limit, self.tiny_limit,
+                             self.deep_limit, self.smallest)
+            self._bits = kernel.BitKernel(sp, self.filters, self.row, self.out_axis,
+                                          self.sumsq)
 
     @property
     def align(self) -> int:
-        return max(self.row, 1)
+        return 1
 
-    # elements per inner slice: small enough for the temporaries to stay in cache
+    @property
+    def piece_elements(self) -> int:
+        """Elements per cache-sized piece (what ``Reader.iter_raw`` should hand in)."""
+        return max(1, kernel.PIECE_BYTES // dtypes.itemsize(self.dtype))
+
+    # elements per inner slice of the integer path
     SLICE = 1 << 18
 
     def update(self, start: int, chunk: np.ndarray) -> None:
         if chunk.size == 0:
+            return
+        if self._bits is not None:
+            assert self.kind is not None
+            b = kernel.to_bits(self.dtype, self.kind, chunk.reshape(-1))
+            step = max(1, kernel.PIECE_BYTES // b.itemsize)
+            for lo in range(0, b.size, step):
+                self._bits.piece(start + lo, b[lo: lo + step])
             return
         if chunk.dtype.kind == "b":
             self.zero += int(chunk.size - np.count_nonzero(chunk))
@@ -231,64 +257,49 @@ class TensorScan:
             self.min_abs = min(self.min_abs, float(chunk.all()))
             return
         if chunk.dtype.kind in "iu":
-            a = np.abs(chunk.astype(np.float64))
-            self.zero += int(chunk.size - np.count_nonzero(chunk))
-            self.huge += int(np.count_nonzero(a > self.huge_limit))
-            self.negative += int(np.count_nonzero(chunk < 0))
-            self.max_abs = max(self.max_abs, float(a.max()))
-            self.min_abs = min(self.min_abs, float(a.min()))
+            for lo in range(0, chunk.size, self.SLICE):
+                part = chunk[lo: lo + self.SLICE]
+                a = np.abs(part.astype(np.float64))
+                self.zero += int(part.size - np.count_nonzero(part))
+                self.huge += int(np.count_nonzero(a > self.huge_limit))
+                self.negative += int(np.count_nonzero(part < 0))
+                self.max_abs = max(self.max_abs, float(a.max()))
+                self.min_abs = min(self.min_abs, float(a.min()))
             return
-        chunk = chunk.astype(np.float32, copy=False)
-        step = self.SLICE
-        if self.sumsq is not None:
-            step = max(self.row, (step // self.row) * self.row)
-        buf = np.empty(min(step, chunk.size), dtype=np.float32)
-        for lo in range(0, chunk.size, step):
-            part = chunk[lo: lo + step]
-            self._update_slice(start + lo, part, np.abs(part, out=buf[: part.size]))
+        self._update_other(start, chunk)
 
-    def _update_slice(self, start: int, part: np.ndarray, a: np.ndarray) -> None:
-        top = float(a.max())
-        if not math.isfinite(top):  # rare: count and zero out the NaN / Inf values
-            finite = np.isfinite(a)
-            bad = int(a.size - np.count_nonzero(finite))
-            self.nonfinite += bad
-            a[~finite] = 0.0
-            top = float(a.max())
-            self.zero -= bad  # they are zeros now; do not count them as such
-        self.max_abs = max(self.max_abs, top)
-        zeros = int(a.size - np.count_nonzero(a))
+    def _update_other(self, start: int, chunk: np.ndarray) -> None:
+        """Complex (and any other) dtypes: the real part as float32, as before."""
+        with np.errstate(all="ignore"):
+            a = np.abs(np.real(chunk).astype(np.float32))
+        finite = np.isfinite(a)
+        bad = int(a.size - np.count_nonzero(finite))
+        self.nonfinite += bad
+        a = np.where(finite, a, 0.0).astype(np.float32)
+        self.max_abs = max(self.max_abs, float(a.max()))
+        zeros = int(a.size - np.count_nonzero(a)) - bad
         self.zero += zeros
-        self.negative += int(np.count_nonzero(part < 0))
-        if top > self.huge_limit:
-            self.huge += int(np.count_nonzero(a > self.huge_limit))
-        # the few values below 100 L, compacted once; every band count comes from them
-        low = a[a < self.band_top]
-        if zeros:
-            self.min_abs = 0.0
-        elif top > 0:
-            self.min_abs = min(self.min_abs, float(low.min()) if low.size else float(a.min()))
-        if low.size:
-            nz = low[low > 0] if zeros else low
-            below_l = int(np.count_nonzero(nz < self.tiny_limit))
-            below_10l = int(np.count_nonzero(nz < 10.0 * self.tiny_limit))
-            self.tiny += below_l
-            self.band1 += below_10l - below_l
-            self.band2 += int(nz.size) - below_10l
-            if self.deep_limit:
-                self.deep += int(np.count_nonzero(nz < self.deep_limit))
-            self.subnormal += int(np.count_nonzero(nz < self.smallest))
-        if self.sumsq is not None:
-            if self.out_axis == -1:
-                a2 = a.reshape(-1, self.filters)
-                self.sumsq += np.einsum("ij,ij->j", a2, a2, dtype=np.float64)
-            else:
-                first = start // self.row
-                a2 = a.reshape(-1, self.row)
-                self.sumsq[first: first + a2.shape[0]] += np.einsum(
-                    "ij,ij->i", a2, a2, dtype=np.float64)
+        self.negative += int(np.count_nonzero(np.real(chunk) < 0))
+        self.huge += int(np.count_nonzero(a > self.huge_limit))
+        nz = a[(a > 0) & (a < self.band_top)]
+        self.min_abs = min(self.min_abs, 0.0 if zeros else float(a[finite].min())
+                           if finite.any() else math.inf)
+        below_l = int(np.count_nonzero(nz < self.tiny_limit))
+        below_10l = int(np.count_nonzero(nz < 10.0 * self.tiny_limit))
+        self.tiny += below_l
+        self.band1 += below_10l - below_l
+        self.band2 += int(nz.size) - below_10l
+        if self.deep_limit:
+            self.deep += int(np.count_nonzero(nz < self.deep_limit))
+        self.subnormal += int(np.count_nonzero(nz < self.smallest))
 
     def result(self) -> TensorStats:
+        if self._bits is not None:
+            k = self._bits
+            self.nonfinite, self.huge, self.tiny, self.zero = k.nonfinite, k.huge, k.tiny, k.zero
+            self.deep, self.band1, self.band2 = k.deep, k.band1, k.band2
+            self.subnormal, self.negative = k.subnormal, k.negative
+            self.max_abs, self.min_abs = k.stats_bits()
         dead = None
         if self.sumsq is not None:
             norms = np.sqrt(self.sumsq)

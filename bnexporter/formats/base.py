@@ -6,6 +6,7 @@ import fcntl
 import math
 import os
 import stat
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -19,6 +20,36 @@ from bnexporter.formats import dtypes
 # Elements per chunk when a tensor is scanned in full: 4 Mi elements keeps a
 # float32 chunk plus its temporaries well under 100 MB whatever the tensor size.
 DEFAULT_CHUNK_ELEMENTS = 1 << 22
+
+# storage (raw bits) dtype of each tensor dtype, as Reader.iter_raw yields it
+_RAW_BITS = {"float64": "u8", "float32": "u4", "float16": "u2", "bfloat16": "u2",
+             "float8_e4m3fn": "u1", "float8_e5m2": "u1", "float8_e4m3fnuz": "u1",
+             "float8_e5m2fnuz": "u1", "float8_e8m0fnu": "u1"}
+
+
+@dataclass(frozen=True)
+class RawExtent:
+    """Where a tensor's bytes lie as one contiguous C-order run on disk."""
+
+    file: RangeFile
+    offset: int
+    big_endian: bool = False
+
+
+def raw_view(dtype: str) -> np.dtype:
+    """How :meth:`Reader.iter_raw` views a dtype's raw items."""
+    return np.dtype(_RAW_BITS.get(dtype) or dtypes.raw_code(dtype))
+
+
+_RAW_BUFFERS = threading.local()
+
+
+def raw_buffer(nbytes: int) -> np.ndarray:
+    """A reused per-thread byte buffer of at least ``nbytes``."""
+    buf = getattr(_RAW_BUFFERS, "buf", None)
+    if buf is None or buf.size < nbytes:
+        buf = _RAW_BUFFERS.buf = np.empty(max(nbytes, 1), dtype=np.uint8)
+    return buf
 
 
 @dataclass(frozen=True)
@@ -104,6 +135,38 @@ class Reader(ABC):
         step = max(align, (chunk_elements // max(align, 1)) * max(align, 1))
         for start in range(0, info.size, step):
             yield start, self.read(name, start, start + step)
+
+    def raw_extent(self, name: str) -> RawExtent | None:
+        """The tensor's bytes as one run on disk, when the format stores it so."""
+        return None
+
+    def iter_raw(self, name: str, piece_elements: int) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield ``(start, piece)`` over the whole tensor for the full scan.
+
+        Where :meth:`raw_extent` knows the bytes, each piece is the raw storage bits
+        (native byte order; uint16 for float16 / bfloat16, uint32 for float32, uint64
+        for float64, uint8 codes for float8, the integer dtype itself otherwise), read
+        straight into one reused buffer: no allocation, no copy besides the read. The
+        piece is only valid until the next one is requested. Elsewhere, decoded chunks
+        of ``piece_elements`` (what :meth:`iter_chunks` gives).
+        """
+        info = self.info(name)
+        ext = self.raw_extent(name) if info.size else None
+        if ext is None:
+            yield from self.iter_chunks(name, piece_elements)
+            return
+        size = dtypes.itemsize(info.dtype)
+        view = raw_view(info.dtype)
+        step = max(1, piece_elements)
+        buf = raw_buffer(step * size)
+        for start in range(0, info.size, step):
+            n = min(step, info.size - start)
+            part = buf[: n * size]
+            ext.file.readinto(ext.offset + start * size, part)
+            arr = part.view(view)
+            if ext.big_endian and size > 1:
+                arr.byteswap(inplace=True)
+            yield start, arr
 
     def close(self) -> None:  # noqa: B027  (readers without handles need nothing)
         """Release file handles; safe to call twice."""
@@ -209,6 +272,27 @@ class RangeFile:
             remaining -= len(data)
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
+    def readinto(self, offset: int, out: np.ndarray) -> None:
+        """Fill the byte array ``out`` from ``offset``, bounds-checked like :meth:`read`."""
+        nbytes = out.size
+        if offset < 0 or offset + nbytes > self.size:
+            raise CheckpointError(
+                self.path,
+                f"read of {nbytes} bytes at offset {offset} is outside the file "
+                f"({self.size} bytes)", "truncated", True)
+        mv = out.data.cast("B")
+        pos, done = self.base + offset, 0
+        while done < nbytes:
+            try:
+                got = os.preadv(self.fd, [mv[done:]], pos + done)
+            except OSError as exc:
+                raise CheckpointError(self.path, f"read failed: {exc.strerror}", "io", True
+                                      ) from None
+            if got <= 0:
+                raise CheckpointError(self.path, "file shrank while being read", "truncated",
+                                      True)
+            done += got
+
     def close(self) -> None:
         fd, self.fd = getattr(self, "fd", -1), -1
         if fd >= 0:
@@ -230,6 +314,11 @@ class OffsetReader(Reader):
         size = dtypes.itemsize(info.dtype)
         raw = self._file.read(self._offsets[info.name] + start * size, (stop - start) * size)
         return dtypes.decode(raw, info.dtype, self.big_endian)
+
+    def raw_extent(self, name: str) -> RawExtent | None:
+        if self._file is None:
+            return None
+        return RawExtent(self._file, self._offsets[self.info(name).name], self.big_endian)
 
     def close(self) -> None:
         if self._file is not None:

@@ -45,6 +45,11 @@ def itemsize(dtype: str) -> int:
         raise ValueError(f"unsupported dtype {dtype!r}") from None
 
 
+def raw_code(dtype: str) -> str:
+    """The numpy dtype code that holds a dtype's raw little-endian items."""
+    return _RAW[dtype][1]
+
+
 def is_supported(dtype: str) -> bool:
     return dtype in _RAW
 

@@ -23,7 +23,7 @@ import numpy as np
 
 from bnexporter.errors import CheckpointError
 from bnexporter.formats import dtypes
-from bnexporter.formats.base import RangeFile, Reader, TensorInfo
+from bnexporter.formats.base import RangeFile, RawExtent, Reader, TensorInfo
 from bnexporter.formats.spec import Format, Incomplete
 
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
@@ -422,6 +422,12 @@ class KerasH5Reader(Reader):
             return dtypes.decode(raw, info.dtype, big)
         return self._read_h5py(self._datasets[info.name], info, start, stop)
 
+    def raw_extent(self, name: str) -> RawExtent | None:
+        offset = self._offsets.get(self.info(name).name)
+        if offset is None or self._range is None:
+            return None
+        return RawExtent(self._range, offset, name in self._big)
+
     def _read_h5py(self, ds: h5py.Dataset, info: TensorInfo, start: int, stop: int
                    ) -> np.ndarray:
         if ds.ndim == 0:
@@ -455,10 +461,15 @@ def _superblock(head: bytes) -> int | None:
 
 
 def incomplete(path: str, fh: BinaryIO, head: bytes, size: int) -> Incomplete:
-    """The superblock records the end-of-file address; a shorter file is unfinished.
+    """The superblock records the end-of-file address, written at flush and close: a
+    shorter file is truncated, a longer one is still open in a writer (libhdf5 grows
+    the file and updates the address only when it flushes); both are retried.
 
     A writer still holding the file (HDF5 >= 1.10 locking) is caught by the
-    analysis itself, which reports it as retryable.
+    analysis itself, which reports it as retryable. A writer that closes and
+    re-opens the file (in-place saves without locking) leaves consistent files in
+    between: the daemon does not take an HDF5 close-after-write as finished, the
+    file must also stay unchanged for ``settle_seconds``.
     """
     base = _superblock(head)
     if base is None:
@@ -475,8 +486,15 @@ def incomplete(path: str, fh: BinaryIO, head: bytes, size: int) -> Incomplete:
     if width not in (2, 4, 8) or at + width > len(head):
         return None
     eof = int.from_bytes(head[at:at + width], "little")
-    if eof != (1 << (8 * width)) - 1 and base + eof > size:
+    if eof == (1 << (8 * width)) - 1:
+        return None
+    if base + eof > size:
         return "truncated", f"HDF5 file is {size} bytes, its superblock says {base + eof}"
+    if base + eof < size:
+        # libhdf5 writes the end-of-file address at flush / close; while a writer has the
+        # file open (no file locking on NFS / Lustre) the file has grown past it
+        return "incomplete", (f"HDF5 file is {size} bytes, past its superblock's end-of-file "
+                              f"address {base + eof}: still being written")
     return None
 
 

@@ -32,7 +32,7 @@ import numpy as np
 from bnexporter.errors import CheckpointError
 from bnexporter.formats import dtypes
 from bnexporter.formats import protowire as pw
-from bnexporter.formats.base import RangeFile, Reader, TensorInfo, read_head
+from bnexporter.formats.base import RangeFile, RawExtent, Reader, TensorInfo, read_head
 from bnexporter.formats.spec import Format, Incomplete
 from bnexporter.formats.sstable import crc32c, has_magic, mask_crc, read_table
 
@@ -672,6 +672,12 @@ class TFBundleReader(Reader):
         size = dtypes.itemsize(info.dtype)
         raw = self._shards[e.shard].read(e.offset + start * size, (stop - start) * size)
         return dtypes.decode(raw, info.dtype, self.big_endian)
+
+    def raw_extent(self, name: str) -> RawExtent | None:
+        e = self._entries[self.info(name).name]
+        if e.slices:
+            return None
+        return RawExtent(self._shards[e.shard], e.offset, self.big_endian)
 
     def _read_sliced(self, info: TensorInfo, slices: list[Slice], start: int, stop: int
                      ) -> np.ndarray:

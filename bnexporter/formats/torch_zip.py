@@ -15,7 +15,7 @@ from collections.abc import Iterable
 import numpy as np
 
 from bnexporter.formats import dtypes, torch_layout, torch_pickle, zipmember
-from bnexporter.formats.base import RangeFile, Reader, TensorInfo
+from bnexporter.formats.base import RangeFile, RawExtent, Reader, TensorInfo
 from bnexporter.formats.spec import Format, Probe
 from bnexporter.formats.torch_pickle import Refused, StorageRef, TensorRef
 
@@ -153,6 +153,14 @@ class TorchReaderBase(Reader):
                  for a in range(start, stop, _GATHER_BLOCK)]
         rows = np.concatenate(parts) if len(parts) > 1 else parts[0]
         return dtypes.decode(rows.tobytes(), ref.dtype, self.big_endian)
+
+    def raw_extent(self, name: str) -> RawExtent | None:
+        ref = self._refs.get(self.info(name).name)
+        if ref is None or not ref.contiguous or self._file is None:
+            return None
+        size = dtypes.itemsize(ref.dtype)
+        return RawExtent(self._file, self._offset(ref.storage) + ref.offset * size,
+                         self.big_endian)
 
     def _gather(self, ref: TensorRef, base: int, start: int, stop: int) -> np.ndarray:
         """Raw items (rows of bytes) of flat elements ``[start, stop)`` of a strided view,
