@@ -806,7 +806,8 @@ def distill(graph: Graph, fetch: Callable[[str], np.ndarray], *, n: int = DEFAUL
             init: np.ndarray | None = None, deadline: float | None = None,
             input_shape: Sequence[int] | None = None, normalize: str = "channel",
             std_floor: float = STD_FLOOR, cosine: bool = True, tol: float = 0.0,
-            layers: Sequence[str] | None = None, program: Program | None = None) -> Distilled:
+            layers: Sequence[str] | None = None, program: Program | None = None,
+            clip: tuple[float, float] | None = None) -> Distilled:
     """Optimise ``n`` inputs (graph layout) until every BN's input statistics match its
     running statistics.
 
@@ -817,6 +818,8 @@ def distill(graph: Graph, fetch: Callable[[str], np.ndarray], *, n: int = DEFAUL
     ``time.monotonic()`` value checked before every step; ``tol`` stops once the objective
     is below it. ``cosine`` decays the learning rate to 5 % of ``lr`` over ``iters``.
     ``layers`` restricts the loss to those BNs (an ablation: ZeroQ uses them all).
+    ``clip`` = (lo, hi) projects the inputs into the model's input range after each step
+    (e.g. (-1, 1) for Keras MobileNetV2 preprocessing); ZeroQ leaves them unbounded.
     """
     t0 = time.monotonic()
     if init is not None:
@@ -832,6 +835,8 @@ def distill(graph: Graph, fetch: Callable[[str], np.ndarray], *, n: int = DEFAUL
         if n < 1:
             raise ValueError("n must be >= 1")
         x = np.random.default_rng(seed).standard_normal((n, *shape), dtype=np.float32)
+    if clip is not None:
+        np.clip(x, clip[0], clip[1], out=x)
     if iters is None:
         iters = DEFAULT_WARM_ITERS if init is not None else DEFAULT_ITERS
     if iters < 0:
@@ -863,6 +868,8 @@ def distill(graph: Graph, fetch: Callable[[str], np.ndarray], *, n: int = DEFAUL
         mh = m1 / np.float32(1 - b1 ** t)
         vh = m2 / np.float32(1 - b2 ** t)
         x -= np.float32(rate) * mh / (np.sqrt(vh) + np.float32(eps))
+        if clip is not None:
+            np.clip(x, clip[0], clip[1], out=x)
         done = t
     final, _, mism = prog.loss_and_grad(x, grad=False)
     losses.append(final)
