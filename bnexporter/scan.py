@@ -10,9 +10,19 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from bnexporter.detection.analysis import TensorScan, Thresholds, classify_channels
+from bnexporter.detection.analysis import TensorScan, TensorStats, Thresholds, classify_channels
 from bnexporter.detection.discovery import BNLayer, discover
-from bnexporter.detection.extremes import bn_role_map, judge, never_updated_layers, role_of
+from bnexporter.detection.extremes import (
+    AUX,
+    INTEGER,
+    MEAN,
+    VAR,
+    ExtremeThresholds,
+    bn_role_map,
+    judge,
+    never_updated_layers,
+    role_of,
+)
 from bnexporter.detection.links import Link, find_links
 from bnexporter.detection.measured import measure, sample_for
 from bnexporter.detection.order import model_order
@@ -159,16 +169,26 @@ def _scan_tensor(reader: Reader, info: TensorInfo, th: Thresholds, chunk: int,
     if axis == -1 and len(shape) == 4 and shape[-1] == 1:  # depthwise (kh, kw, in, 1)
         shape = (*shape[:-2], shape[-2])
 
-    scan = TensorScan(shape, info.dtype, th, axis)
-    # cache-sized raw pieces into one reused buffer (the decoded chunks where the
-    # format has no contiguous bytes); ``chunk`` bounds the decoded fallback
-    for start, part in reader.iter_raw(info.name, min(chunk, scan.piece_elements)):
-        scan.update(start, part)
-    st = scan.result()
     auxiliary = info.name in reader.meta.auxiliary
     is_kernel = (len(info.shape) >= 2 and bool(_KERNEL_NAME.search(info.name))
                  and "embed" not in info.name.lower())
     role = role_of(info.name, roles or {}, is_kernel, auxiliary, info.dtype)
+
+    def run(full: bool) -> TensorStats:
+        scan = TensorScan(shape, info.dtype, th, axis, bands=full,
+                          negative=full or role == VAR)
+        # cache-sized raw pieces into one reused buffer (the decoded chunks where the
+        # format has no contiguous bytes); ``chunk`` bounds the decoded fallback
+        for start, part in reader.iter_raw(info.name, min(chunk, scan.piece_elements)):
+            scan.update(start, part)
+        return scan.result()
+
+    # the band counts and the negatives matter to judge() only for a tensor with a
+    # large share of values below 1/T, or one of constant magnitude: only those are
+    # read a second time with every count on
+    st = run(False)
+    if st.band1 < 0 and _needs_all_counts(st, role):
+        st = run(True)
     verdict = judge(st, role, info.dtype)
     kind, detail = verdict if verdict else (None, None)
     if auxiliary:
@@ -177,6 +197,14 @@ def _scan_tensor(reader: Reader, info: TensorInfo, th: Thresholds, chunk: int,
                             st.zero, st.max_abs, None, role, kind, detail)
     return TensorReport(info.name, list(info.shape), info.dtype, st.nonfinite, st.huge,
                         st.tiny, st.zero, st.max_abs, st.dead_filters, role, kind, detail)
+
+
+def _needs_all_counts(st: TensorStats, role: str) -> bool:
+    if st.nonfinite or role in (AUX, INTEGER, MEAN, VAR) or st.size == 0:
+        return False
+    constant = st.size > 1 and st.min_abs == st.max_abs
+    k = st.tiny - st.deep
+    return constant or (k > 0 and k >= ExtremeThresholds().tiny_fraction * (st.size - st.zero))
 
 
 def refine_layers(reader: Reader, layers: list[BNLayer],

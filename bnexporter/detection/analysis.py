@@ -139,7 +139,8 @@ class TensorStats:
     without normal numbers that small); ``band1`` / ``band2``: L <= |w| < 10 L /
     10 L <= |w| < 100 L (the density just above L, see extremes.py);
     ``subnormal``: non-zero values below the dtype's smallest normal; ``negative``:
-    values < 0; ``min_abs`` / ``max_abs`` over the finite values.
+    values < 0; ``min_abs`` / ``max_abs`` over the finite values. -1 in ``band1`` /
+    ``band2`` / ``negative``: not counted (``TensorScan(bands=False, negative=False)``).
     """
     nonfinite: int
     huge: int
@@ -201,8 +202,11 @@ class TensorScan:
     """
 
     def __init__(self, shape: tuple[int, ...], dtype: str, th: Thresholds = Thresholds(),
-                 out_axis: int | None = None):
+                 out_axis: int | None = None, bands: bool = True, negative: bool = True):
+        """``bands=False`` / ``negative=False`` skip ``band1`` / ``band2`` / ``negative``
+        of float tensors (reported as -1, "not counted"): three of the seven passes."""
         self.shape, self.dtype, self.th = shape, dtype, th
+        self._partial = (not bands, not negative)
         self.huge_limit, self.tiny_limit = extreme_limits(dtype, th.extreme)
         self.smallest, self.deep_limit, _, self.band_top = band_edges(dtype, th)
         self.nonfinite = self.huge = self.tiny = self.zero = 0
@@ -227,7 +231,7 @@ class TensorScan:
             sp = kernel.spec(dtype, self.kind, self.huge_limit, self.tiny_limit,
                              self.deep_limit, self.smallest)
             self._bits = kernel.BitKernel(sp, self.filters, self.row, self.out_axis,
-                                          self.sumsq)
+                                          self.sumsq, bands, negative)
 
     @property
     def align(self) -> int:
@@ -300,6 +304,10 @@ class TensorScan:
             self.deep, self.band1, self.band2 = k.deep, k.band1, k.band2
             self.subnormal, self.negative = k.subnormal, k.negative
             self.max_abs, self.min_abs = k.stats_bits()
+            if self._partial[0]:
+                self.band1 = self.band2 = -1
+            if self._partial[1]:
+                self.negative = -1
         dead = None
         if self.sumsq is not None:
             norms = np.sqrt(self.sumsq)

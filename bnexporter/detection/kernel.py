@@ -43,7 +43,7 @@ from bnexporter.formats import dtypes
 
 # bytes of raw tensor data per piece: the raw piece, its masked copy and a bool
 # mask stay inside a 1-2 MB L2 cache
-PIECE_BYTES = 256 << 10
+PIECE_BYTES = 512 << 10
 
 # float32 magnitudes whose squares stay normal and whose sums of squares over a
 # piece cannot overflow float32 (2**-60 .. 2**50); outside, the piece uses float64
@@ -172,8 +172,11 @@ class BitKernel:
     """Accumulators of one float tensor over pieces of its storage bits."""
 
     def __init__(self, sp: Spec, filters: int, row: int, out_axis: int | None,
-                 sumsq: np.ndarray | None):
+                 sumsq: np.ndarray | None, bands: bool = True, negative: bool = True):
         self.sp = sp
+        # band1 / band2 and negative cost three of the ~seven passes: a caller that
+        # needs them only in rare cases (scan._scan_tensor) switches them off
+        self.bands, self.count_negative = bands, negative
         self.filters, self.row, self.out_axis, self.sumsq = filters, row, out_axis, sumsq
         self.nonfinite = self.huge = self.tiny = self.zero = 0
         self.deep = self.band1 = self.band2 = self.subnormal = self.negative = 0
@@ -193,13 +196,14 @@ class BitKernel:
         bl = sc.get("bool", n, np.bool_)
         np.bitwise_and(b, sp.mask, out=m)
         mx = int(m.max())
-        np.greater(b, sp.sign, out=bl)
-        neg = int(np.count_nonzero(bl))
+        neg = 0
+        if self.count_negative:
+            neg = int(np.count_nonzero(np.greater(b, sp.sign, out=bl)))
         bad = 0
         min_bits: int | None = None
         if mx >= sp.inf:  # rare: count NaN / Inf, then treat them as absent (zero them)
-            np.greater(b, sp.sign | sp.inf, out=bl)
-            neg -= int(np.count_nonzero(bl))          # negative NaNs are not < 0
+            if self.count_negative:  # negative NaNs are not < 0
+                neg -= int(np.count_nonzero(np.greater(b, sp.sign | sp.inf, out=bl)))
             np.greater_equal(m, sp.inf, out=bl)
             bad = int(np.count_nonzero(bl))
             finite = m[~bl]
@@ -222,41 +226,46 @@ class BitKernel:
     def _low(self, m: np.ndarray, bl: np.ndarray, n: int, bad: int,
              min_bits: int | None) -> int | None:
         """Zero / tiny / deep / subnormal / band counts and min |w| of one piece.
-        Returns the smallest non-zero magnitude when it lies below 10 L (else None)."""
+        Returns the smallest non-zero magnitude when it lies below L (else None).
+
+        Nested cut-offs, each one compare + count pass in cache, skipped once a count
+        is 0; only the values below L (a few per piece in healthy weights) are
+        compacted, and zero / deep / subnormal / min come from them.
+        """
         sp = self.sp
-        k100 = int(np.count_nonzero(np.less(m, sp.top, out=bl)))
-        if k100 == 0:
-            if min_bits is None:
-                min_bits = int(m.min())
-            self._note_min(min_bits)
-            return None
-        if 8 * k100 > n:  # dense near zero (zero-filled tensors): direct passes
-            zeros = n - int(np.count_nonzero(m)) - bad
-            k10 = int(np.count_nonzero(np.less(m, sp.ten, out=bl))) - bad
-            k1 = int(np.count_nonzero(np.less(m, sp.tiny, out=bl))) - bad
-            deep = (int(np.count_nonzero(np.less(m, sp.deep, out=bl))) - bad - zeros
-                    if sp.deep else 0)
-            sub = int(np.count_nonzero(np.less(m, sp.small, out=bl))) - bad - zeros
-            k100 -= bad
-            lowest = None
-            if k10 - zeros > 0:
-                np.less(m, sp.ten, out=bl)
-                sel = m[bl]
-                sel = sel[sel > 0]
-                lowest = int(sel.min())
+        k10 = k1 = zeros = deep = sub = 0
+        lowest: int | None = None
+        if self.bands:
+            k100 = int(np.count_nonzero(np.less(m, sp.top, out=bl)))
+            if k100:
+                k10 = int(np.count_nonzero(np.less(m, sp.ten, out=bl)))
+                if k10:
+                    k1 = int(np.count_nonzero(np.less(m, sp.tiny, out=bl)))
         else:
-            sel = m[np.less(m, sp.ten, out=bl)]
-            k10 = sel.size - bad
-            zeros = k10 - int(np.count_nonzero(sel))
-            k100 -= bad
-            if k10 - zeros > 0:
-                nz = sel[sel > 0] if (zeros or bad) else sel
+            k1 = k10 = k100 = int(np.count_nonzero(np.less(m, sp.tiny, out=bl)))
+        if k1 and 8 * k1 > n:  # dense near zero (zero-filled tensors): direct passes
+            zeros = n - int(np.count_nonzero(m))
+            if sp.deep:
+                deep = int(np.count_nonzero(np.less(m, sp.deep, out=bl))) - zeros
+            sub = int(np.count_nonzero(np.less(m, sp.small, out=bl))) - zeros
+            if k1 > zeros:
+                np.less(m, sp.tiny, out=bl)
+                sel = m[bl]
+                lowest = int(sel[sel > 0].min())
+        elif k1:
+            sel = m[bl]
+            zeros = k1 - int(np.count_nonzero(sel))
+            if k1 > zeros:
+                nz = sel[sel > 0] if zeros else sel
                 lowest = int(nz.min())
-                k1 = zeros + int(np.count_nonzero(np.less(nz, sp.tiny)))
-                deep = int(np.count_nonzero(np.less(nz, sp.deep))) if sp.deep else 0
-                sub = int(np.count_nonzero(np.less(nz, sp.small)))
-            else:
-                lowest, k1, deep, sub = None, zeros, 0, 0
+                if sp.deep and lowest < sp.deep:
+                    deep = int(np.count_nonzero(nz < sp.deep))
+                if lowest < sp.small:
+                    sub = int(np.count_nonzero(nz < sp.small))
+        zeros -= bad  # the NaN / Inf values were zeroed: not zeros, not below any cut
+        k1 -= bad
+        k10 -= bad if k10 else 0
+        k100 -= bad if k100 else 0
         self.zero += zeros
         self.tiny += k1 - zeros
         self.band1 += k10 - k1
@@ -270,8 +279,7 @@ class BitKernel:
         elif lowest is not None:
             self._note_min(lowest)
         else:
-            # values below 100 L but none below 10 L: the min is among them
-            self._note_min(int(m[np.less(m, sp.top, out=bl)].min()))
+            self._note_min(int(m.min()))
         return lowest
 
     def _note_min(self, b: int) -> None:

@@ -218,3 +218,49 @@ def test_spec_cutoffs_match_float32_comparison():
             kernel.bits_value(kind, sp.tiny)
     assert math.isclose(kernel.bits_value("u4", kernel.spec(
         "float32", "u4", 1e5, 1e-5, 0.0, 0.0).huge), 1e5)
+
+
+def _safetensors(path, tensors: dict) -> None:
+    import json
+    import struct
+    header, blobs, off = {}, [], 0
+    for name, arr in tensors.items():
+        raw = np.ascontiguousarray(arr).tobytes()
+        header[name] = {"dtype": {"float32": "F32", "float16": "F16"}[arr.dtype.name],
+                        "shape": list(arr.shape), "data_offsets": [off, off + len(raw)]}
+        blobs.append(raw)
+        off += len(raw)
+    h = json.dumps(header).encode()
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<Q", len(h)) + h + b"".join(blobs))
+
+
+def test_scan_rule_counts_match_a_full_count_scan(tmp_path, monkeypatch):
+    """_scan_tensor skips band / negative passes unless judge() needs them: the
+    verdicts and reported counts equal those of a scan with every count on."""
+    from bnexporter import scan as scan_mod
+    from bnexporter.formats.sniff import open_reader
+
+    rng = np.random.default_rng(7)
+    t = {
+        "a.weight": (rng.standard_normal((16, 8, 3, 3)) * 0.05).astype(np.float32),
+        "b.weight": (rng.standard_normal((16, 8, 3, 3)) * 1e-6).astype(np.float32),  # tiny
+        "c.weight": np.full((4, 4), 0.5, np.float32),                                  # constant
+        "d.weight": np.where(rng.random((8, 9)) < 0.5, -0.5, 0.5).astype(np.float32),
+        "e.bias": (rng.standard_normal(64) * 1e-7).astype(np.float16),
+    }
+    path = tmp_path / "m.safetensors"
+    _safetensors(path, t)
+    th = Thresholds()
+    with open_reader(str(path)) as r:
+        lazy = [scan_mod._scan_tensor(r, i, th, 1 << 22, {}) for i in r.tensors()]
+        real = scan_mod.TensorScan
+
+        class Full(real):  # every count on, whatever the caller asks
+            def __init__(self, *a, **k):
+                k.update(bands=True, negative=True)
+                super().__init__(*a, **k)
+        monkeypatch.setattr(scan_mod, "TensorScan", Full)
+        full = [scan_mod._scan_tensor(r, i, th, 1 << 22, {}) for i in r.tensors()]
+    assert lazy == full
+    assert any(x.anomaly for x in full)
