@@ -13,6 +13,7 @@ import io
 import json
 import os
 import re
+import select
 import signal
 import threading
 import time
@@ -102,11 +103,20 @@ def _probe_metadata(path: str, fileobj: io.IOBase | None, base_offset: int,
                     member_size: int | None, direct_io: bool) -> None:
     if not hasattr(os, "fork") or threading.active_count() > 1:
         return  # forking a threaded process could copy a held HDF5 lock: skip the probe
-    size = member_size if member_size is not None else os.path.getsize(path)
+    try:
+        st = os.stat(path)
+    except OSError:
+        return  # the parent's own open reports it
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, base_offset, member_size)
+    if key in _PROBED:
+        return  # this very file walked cleanly before (a daemon re-reading it)
+    size = member_size if member_size is not None else st.st_size
     limit = PROBE_SECONDS + PROBE_SECONDS_PER_GB * size / 2**30
     deadline = time.monotonic() + limit
+    rfd, wfd = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: walk everything the parent may touch, then leave at once
+        os.close(rfd)
         try:
             with KerasH5Reader(path, fileobj, base_offset, member_size, direct_io,
                                probe=False) as reader:
@@ -115,21 +125,30 @@ def _probe_metadata(path: str, fileobj: io.IOBase | None, base_offset: int,
             pass
         finally:
             os._exit(0)
-    delay = 0.001
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            break
-        if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            raise CheckpointError(path, f"HDF5 metadata could not be read within {limit:.0f} s:"
-                                  " libhdf5 hangs on this file (corrupt metadata?)", "corrupt")
-        time.sleep(delay)
-        delay = min(delay * 2, 0.05)
+    # the child's exit closes the pipe's write end: wake at once, not on a polling tick
+    os.close(wfd)
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            ready = select.select([rfd], [], [], max(left, 0.0))[0] if left > 0 else []
+            if ready and not os.read(rfd, 64):
+                break
+            if not ready:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                raise CheckpointError(path, f"HDF5 metadata could not be read within "
+                                      f"{limit:.0f} s: libhdf5 hangs on this file (corrupt "
+                                      "metadata?)", "corrupt")
+    finally:
+        os.close(rfd)
+    _, status = os.waitpid(pid, 0)
     if os.WIFSIGNALED(status):
         raise CheckpointError(path, f"libhdf5 crashed reading the metadata (signal "
                               f"{os.WTERMSIG(status)})", "corrupt")
+    _PROBED.add(key)
+
+
+_PROBED: set[tuple[int, int, int, int, int, int | None]] = set()
 
 
 def _strip_suffix(name: str) -> str:
