@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Iterable
 from socketserver import ThreadingMixIn
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import parse_qs, unquote
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
@@ -83,6 +83,10 @@ class App:
             return []
         try:
             if path == self.telemetry_path:
+                wanted = _name_filter(environ)
+                if method == "GET" and wanted:  # our collectors describe no names
+                    body = _only_families(self.fast.body(False), wanted)
+                    return _send_bytes(start, body, CONTENT_TYPE_PLAIN_0_0_4, [])
                 if method == "GET" and _text_ok(environ):
                     gz = gzip_accepted(environ.get("HTTP_ACCEPT_ENCODING", ""))
                     body = self.fast.body(gz)
@@ -149,9 +153,31 @@ def models_json(snap: Snapshot) -> str:
     return json.dumps({"models": out}, indent=1) + "\n"
 
 
+def _name_filter(environ: dict[str, Any]) -> set[str]:
+    """The ``name[]`` values of the query, percent-decoded (``name%5B%5D=x`` too)."""
+    query = environ.get("QUERY_STRING", "")
+    if "name" not in query:
+        return set()
+    return set(parse_qs(query).get("name[]", []))
+
+
+def _only_families(body: bytes, wanted: set[str]) -> bytes:
+    """The text-format families named in ``wanted`` (their HELP, TYPE and samples)."""
+    out, keep = [], False
+    for line in body.split(b"\n"):
+        if line.startswith((b"# HELP ", b"# TYPE ")):
+            keep = line.split(b" ", 3)[2].decode("utf-8", "replace") in wanted
+        elif not line.startswith(b"#") and line and not keep:
+            name = line.split(b"{", 1)[0].split(b" ", 1)[0].decode("utf-8", "replace")
+            keep = name in wanted  # a sample with no HELP / TYPE before it
+        if keep and line:
+            out.append(line)
+    return b"\n".join(out) + b"\n" if out else b""
+
+
 def _text_ok(environ: dict[str, Any]) -> bool:
     """No ``name[]`` filter, and the client takes the classic text format."""
-    if "name[]" in environ.get("QUERY_STRING", ""):
+    if _name_filter(environ):
         return False
     accept = environ.get("HTTP_ACCEPT") or ""
     if "application/openmetrics-text" not in accept:
