@@ -114,6 +114,8 @@ def model_families(models: list[ModelView]) -> list[Metric]:
     never_updated = _gauge("model_never_updated_layers", "BN layers still exactly at their "
                            "initial values (gamma 1, beta 0, mean 0, var 1) past step 0.", m)
     dead_filters = _gauge("model_dead_filters", "Conv/dense output filters with ~zero norm.", m)
+    newly_dead = _gauge("model_newly_dead_channels", "Channels dead now that were not dead at "
+                        "the previous analysed checkpoint (0 at the first).", m)
     step = _gauge("model_checkpoint_step", "Training step of the analysed checkpoint.", m)
     mtime = _gauge("model_checkpoint_timestamp_seconds", "Modification time of the analysed "
                    "checkpoint (Unix seconds).", m)
@@ -170,6 +172,7 @@ def model_families(models: list[ModelView]) -> list[Metric]:
         anomalous.add_metric([name], float(s.anomalous_tensors))
         never_updated.add_metric([name], float(s.never_updated_layers))
         dead_filters.add_metric([name], float(s.dead_filters))
+        newly_dead.add_metric([name], float(view.history.newly_dead))
         if r.step is not None:
             step.add_metric([name], float(r.step))
         if r.mtime is not None:
@@ -181,8 +184,8 @@ def model_families(models: list[ModelView]) -> list[Metric]:
         if view.metrics.per_tensor:
             _tensor_samples(name, r, t_nonfinite, t_extreme, t_anomaly)
     out = [*lf.values(), info, *mf.values(), collapsed, nonfinite, extreme, anomalous,
-           never_updated, dead_filters, step, mtime, analysed, duration, ck_info, up, errs,
-           t_nonfinite, t_extreme, t_anomaly]
+           never_updated, dead_filters, newly_dead, step, mtime, analysed, duration, ck_info,
+           up, errs, t_nonfinite, t_extreme, t_anomaly]
     _count_series(out, models, series)
     out.insert(out.index(errs) + 1, series)
     return out
