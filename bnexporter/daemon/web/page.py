@@ -295,10 +295,14 @@ def since_text(history: History, layer: LayerReport) -> str:
 
 def decided_by(report: CheckpointReport) -> str:
     s = report.summary
-    census = any("census" in n for n in report.notes) or any(
-        "census" in x.consumer_source for x in report.bn_layers)
-    refined = sum(1 for x in report.bn_layers if x.producer)
-    how = "activation census" if census else "weights-only estimate"
+    by: dict[str, int] = {}
+    for x in report.bn_layers:
+        by[x.evidence] = by.get(x.evidence, 0) + 1
+    names = {"estimate": "weights-only estimate", "census:sample": "census over your sample",
+             "census:distilled": "census over distilled inputs"}
+    how = ", ".join(f"{names.get(k, k)} ({n} layers)" if len(by) > 1 else names.get(k, k)
+                    for k, n in sorted(by.items())) or "weights-only estimate"
+    refined = sum(1 for x in report.bn_layers if x.producer and x.evidence == "estimate")
     extra = f", refined from the producer kernel for {refined} layers" if refined else ""
     return (f"{how}{extra}; consumer known or inferred for {pct(s.consumer_coverage)} "
             "of BN layers")
