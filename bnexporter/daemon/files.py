@@ -25,6 +25,25 @@ from bnexporter.steps import step_from_name
 
 MAX_DEPTH = 3  # model folder + 2 levels (HF "checkpoint-500/", Lightning "checkpoints/")
 _DATA_SHARD = re.compile(r"\.data-\d+-of-\d+$")
+# HDF5 writers without file locking (NFS, Lustre) may close and re-open a file while
+# saving: its close-after-write is no proof of a finished file (issue 13.6)
+CLOSE_NOT_FINAL = ("*.h5", "*.hdf5")
+
+
+def may_matter(path: str, patterns: Iterable[str]) -> bool:
+    """Whether a file event at ``path`` can change a model's candidates: a checkpoint
+    name, a TF data shard or state file. A log appended 50 times a second beside
+    10,000 files must not make the planner list the folder 50 times a second."""
+    name = os.path.basename(path)
+    return (name == "checkpoint" or bool(_DATA_SHARD.search(name))
+            or any(fnmatch.fnmatchcase(name, p) for p in patterns))
+
+
+def sig_of(st: os.stat_result) -> tuple[int, ...]:
+    """One version of a file: size and mtime, and inode and ctime, so that a file replaced
+    by another of the same size and mtime (renamed over it, ``cp -p``, ``os.utime``) is a
+    new version; ctime is set by the kernel on every change and cannot be set back."""
+    return (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
 
 
 @dataclass(frozen=True)
@@ -71,7 +90,7 @@ def _tf_unit(entries: dict[str, os.DirEntry[str]], index: os.DirEntry[str]) -> t
     newest = 0.0
     for name in sorted(n for n in entries if n == index.name or n.startswith(prefix + ".data-")):
         st = entries[name].stat()
-        sig += [st.st_size, st.st_mtime_ns]
+        sig += sig_of(st)
         newest = max(newest, st.st_mtime)
     return tuple(sig), newest
 
@@ -146,7 +165,7 @@ def list_candidates(folder: str, patterns: Iterable[str], step_regex: str | None
                     sig, mtime = _tf_unit(entries, entry)
                 else:
                     st = entry.stat()
-                    sig, mtime = (st.st_size, st.st_mtime_ns), st.st_mtime
+                    sig, mtime = sig_of(st), st.st_mtime
             except OSError:
                 continue
             if link:
@@ -171,7 +190,7 @@ def stat_candidate(c: Candidate) -> Candidate | None:
             sig, mtime = _tf_unit(entries, entry)
         else:
             st = entry.stat()
-            sig, mtime = (st.st_size, st.st_mtime_ns), st.st_mtime
+            sig, mtime = sig_of(st), st.st_mtime
     except OSError:
         return None
     return Candidate(c.path, sig, mtime, c.step)

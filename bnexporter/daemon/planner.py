@@ -9,6 +9,7 @@ of models, so one busy model cannot starve the others.
 
 from __future__ import annotations
 
+import fnmatch
 import heapq
 import itertools
 import logging
@@ -22,7 +23,15 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from bnexporter.daemon.config import Config, ModelSpec
-from bnexporter.daemon.files import Candidate, ignored_path, list_candidates, stat_candidate
+from bnexporter.daemon.files import (
+    CLOSE_NOT_FINAL,
+    Candidate,
+    ignored_path,
+    list_candidates,
+    may_matter,
+    sig_of,
+    stat_candidate,
+)
 from bnexporter.daemon.models import Target, targets, template_targets
 from bnexporter.daemon.policy import (
     RETRYABLE,
@@ -374,8 +383,11 @@ class Planner:
         probe = path
         while True:
             for m in self._by_folder.get(probe, ()):
-                if probe == path or not ignored_path(path, probe):
-                    if kind in ("closed", "moved") and not is_dir:
+                if (probe == path or not ignored_path(path, probe)) and (
+                        is_dir or may_matter(path, m.target.analysis.patterns)):
+                    if not is_dir and (kind == "moved" or kind == "closed" and not any(
+                            fnmatch.fnmatchcase(os.path.basename(path), p)
+                            for p in CLOSE_NOT_FINAL)):
                         self._closed(m, path)
                     self._schedule(m, now + DEBOUNCE)
             parent = os.path.dirname(probe)
@@ -391,7 +403,7 @@ class Planner:
             st = os.stat(path)
         except OSError:
             return
-        m.closed[path] = (st.st_size, st.st_mtime_ns)
+        m.closed[path] = sig_of(st)
 
     # -- the decision ------------------------------------------------------------------
     def _evaluate(self, m: ModelState) -> None:

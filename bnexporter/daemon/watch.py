@@ -6,6 +6,13 @@ supervisor still checks every observer (and its emitter threads) each second,
 restarts a dead one, counts the restart and asks the planner to rescan the
 root, since events were lost meanwhile. When inotify runs out of watches or
 instances (ENOSPC / EMFILE) the root falls back to polling.
+
+When the kernel's inotify queue overflows, events are lost; watchdog rebuilds its
+watches and says so in its log. That log record is the one signal watchdog gives
+(there is no callback), so a logging handler on watchdog's loggers turns it into an
+immediate rescan of the root concerned (of every inotify root when the record does
+not say which) and counts it in ``bnexporter_watcher_overflows_total{root}``:
+the lost checkpoint is found at once, not at the next ``rescan_interval``.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import errno
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -34,6 +42,7 @@ from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
+from bnexporter.daemon import health
 from bnexporter.daemon.mounts import choose_mode
 from bnexporter.daemon.state import Store, WatcherView
 
@@ -79,6 +88,29 @@ class Watch:
     started_once: bool = False
 
 
+_OVERFLOW_LOGGERS = ("watchdog.observers.inotify", "watchdog.observers.inotify_c")
+
+
+class _OverflowHook(logging.Handler):
+    """watchdog's "Inotify queue overflowed" log records -> ``on_overflow(root | None)``."""
+
+    def __init__(self, on_overflow: Callable[[str | None], None]):
+        super().__init__(logging.WARNING)
+        self.on_overflow = on_overflow
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            if "overflow" not in str(record.msg).lower():
+                return
+            root = None
+            if "below" in str(record.msg) and record.args:
+                args = record.args if isinstance(record.args, tuple) else (record.args,)
+                root = os.fsdecode(args[0]) if isinstance(args[0], (str, bytes)) else None
+            self.on_overflow(root)
+        except Exception:  # a logging handler must never raise into watchdog's thread
+            pass
+
+
 class Watchers:
     def __init__(self, store: Store, notify: Notify, rescan: Callable[[str], None],
                  poll_interval: float, supervise_interval: float = 1.0):
@@ -92,13 +124,19 @@ class Watchers:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._supervise, name="watch-supervisor",
                                         daemon=True)
+        self._hook = _OverflowHook(self._overflowed)
+        self._overflow_at: dict[str, float] = {}
 
     # -- lifecycle ----------------------------------------------------------------
     def start(self) -> None:
+        for name in _OVERFLOW_LOGGERS:
+            logging.getLogger(name).addHandler(self._hook)
         self._thread.start()
 
     def stop(self) -> None:
         self._stop.set()
+        for name in _OVERFLOW_LOGGERS:
+            logging.getLogger(name).removeHandler(self._hook)
         with self._lock:
             watches = list(self._watches.values())
         for w in watches:
@@ -186,6 +224,20 @@ class Watchers:
     def alive(w: Watch) -> bool:
         o = w.observer
         return o is not None and o.is_alive() and all(e.is_alive() for e in o.emitters)
+
+    def _overflowed(self, root: str | None) -> None:
+        """Events were lost: rescan now (the root, or every inotify root)."""
+        with self._lock:
+            roots = [r for r, w in self._watches.items() if w.up and not w.polling
+                     and (root is None or r == root)]
+        now = time.monotonic()
+        for r in roots:
+            if now - self._overflow_at.get(r, -1.0) < 1.0:
+                continue  # watchdog logs one overflow twice (with and without the root)
+            self._overflow_at[r] = now
+            log.warning("%s: inotify event queue overflowed (events lost); rescanning now", r)
+            health.BOARD.inc("watcher_overflows", r)
+            self.rescan(r)
 
     # -- supervision --------------------------------------------------------------
     def _supervise(self) -> None:

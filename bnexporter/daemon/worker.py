@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 
-from bnexporter.daemon import names, testhooks
+from bnexporter.daemon import health, names, testhooks
 from bnexporter.daemon.policy import Job
 from bnexporter.daemon.progress import StallWatch, proc_dir
 from bnexporter.formats.sniff import MODULES, incomplete
@@ -96,6 +96,8 @@ class Runner:
         self._no_processes_until = 0.0
         self._process_retry = PROCESS_RETRY
         self._unkillable: list[mp.process.BaseProcess] = []
+        self.live: dict[int, str] = {}          # analysis pid -> model (the watchdog reads)
+        self.starting: dict[int, float] = {}    # worker thread -> when its start() began
 
     def run(self, job: Job) -> CheckpointReport | None:
         path = job.cand.path
@@ -158,13 +160,19 @@ class Runner:
         recv, send = ctx.Pipe(duplex=False)
         proc = ctx.Process(target=_child_main, args=(send, job.cand.path, job.opts, self.delay),
                            name=f"bnexporter-analysis-{job.model}", daemon=True)
+        me = threading.get_ident()
+        self.starting[me] = time.monotonic()
         try:
-            proc.start()
+            proc.start()  # asks the forkserver: blocks while it is stopped (watchdog)
         except BaseException:
             recv.close()
             send.close()
             raise
+        finally:
+            self.starting.pop(me, None)
         send.close()
+        if proc.pid:
+            self.live[proc.pid] = job.model
         start = time.monotonic()
         deadline = start + self.timeout
         watch = StallWatch(proc_dir(proc.pid), self.stall_timeout, start) if proc.pid else None
@@ -183,6 +191,7 @@ class Runner:
                 if watch is not None and watch.stalled(time.monotonic()):
                     raise _Stalled
         finally:
+            self.live.pop(proc.pid or 0, None)
             if proc.is_alive():
                 proc.kill()
             proc.join(2)
@@ -201,6 +210,100 @@ class Runner:
                 proc.close()
 
 
+def _forkserver_pid() -> int | None:
+    """The running forkserver's pid (multiprocessing keeps it privately)."""
+    from multiprocessing import forkserver
+
+    server = getattr(forkserver, "_forkserver", None)
+    pid = getattr(server, "_forkserver_pid", None)
+    return pid if isinstance(pid, int) and pid > 0 else None
+
+
+def _state(pid: int) -> str | None:
+    """The process state letter from /proc (``T``: stopped), None when gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            data = fh.read()
+    except OSError:
+        return None
+    return data[data.rfind(b")") + 2:data.rfind(b")") + 3].decode() or None
+
+
+class Watchdog:
+    """Watches the forkserver and the analysis processes every ``every`` seconds.
+
+    A stopped one (SIGSTOP, state ``T``), or a process start that has not come back
+    for ``START_TIMEOUT`` seconds, halts every analysis while nothing else notices.
+    Found: one warning, ``bnexporter_worker_stalls_total{what}`` + 1,
+    ``bnexporter_worker_pool_up`` 0 and ``/healthz`` 503 (health.py); after ``GRACE``
+    seconds the daemon resumes its own process (SIGCONT) and, for a forkserver that
+    still does not answer, kills it (multiprocessing starts a new one for the next
+    analysis). Everything clears when analyses can start again.
+    """
+
+    GRACE = 5.0
+    START_TIMEOUT = 15.0
+
+    def __init__(self, runner: Runner, every: float = 0.5):
+        self.runner = runner
+        self.every = every
+        self._since: dict[tuple[str, int], float] = {}   # (what, pid) -> first seen bad
+        self._thread = threading.Thread(target=self._loop, name="worker-watchdog", daemon=True)
+        health.BOARD.set("worker_pool_up", 1)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self.runner.stop.wait(self.every):
+            try:
+                self.check(time.monotonic())
+            except Exception:
+                log.exception("worker watchdog error")
+
+    def check(self, now: float) -> None:
+        bad: dict[tuple[str, int], str] = {}
+        server = _forkserver_pid()
+        if server is not None:
+            if _state(server) in ("T", "t"):
+                bad[("forkserver", server)] = f"the analysis forkserver (pid {server}) is stopped"
+            elif any(now - t > self.START_TIMEOUT for t in list(self.runner.starting.values())):
+                bad[("forkserver", server)] = (f"the analysis forkserver (pid {server}) does not "
+                                               f"start processes (> {self.START_TIMEOUT:g} s)")
+        for pid, model in list(self.runner.live.items()):
+            if _state(pid) in ("T", "t"):
+                bad[("analysis", pid)] = f"the analysis process of {model} (pid {pid}) is stopped"
+        for key, why in bad.items():
+            if key not in self._since:
+                self._since[key] = now
+                log.warning("%s; analyses are held up", why)
+                health.BOARD.inc("worker_stalls", key[0])
+            elif now - self._since[key] >= self.GRACE:
+                self._remedy(key, why)
+                self._since[key] = now  # once per GRACE
+        for key in [k for k in self._since if k not in bad]:
+            del self._since[key]
+            log.info("analysis processes run again")
+        up = not bad
+        health.BOARD.set("worker_pool_up", 1 if up else 0)
+        health.BOARD.problem("workers", None if up else "workers stalled: " +
+                             "; ".join(sorted(bad.values())))
+
+    @staticmethod
+    def _remedy(key: tuple[str, int], why: str) -> None:
+        what, pid = key
+        stopped = _state(pid) in ("T", "t")
+        try:
+            if stopped:
+                log.warning("%s for %g s: resuming it (SIGCONT)", why, Watchdog.GRACE)
+                os.kill(pid, signal.SIGCONT)
+            elif what == "forkserver":
+                log.warning("%s: killing it; a new one is started for the next analysis", why)
+                os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
 class WorkerPool:
     """``size`` threads: take a job, run it, hand the report back."""
 
@@ -209,10 +312,12 @@ class WorkerPool:
         self._take, self._done, self._runner = take, done, runner
         self._threads = [threading.Thread(target=self._loop, name=f"worker-{i}", daemon=True)
                          for i in range(size)]
+        self.watchdog = Watchdog(runner)
 
     def start(self) -> None:
         for t in self._threads:
             t.start()
+        self.watchdog.start()
 
     def _loop(self) -> None:
         stop = self._runner.stop
