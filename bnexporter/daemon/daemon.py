@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry
 
 from bnexporter.daemon import testhooks
 from bnexporter.daemon.config import Config
+from bnexporter.daemon.health import BoardCollector
 from bnexporter.daemon.models import watch_roots
 from bnexporter.daemon.planner import Planner
 from bnexporter.daemon.state import Store
@@ -36,6 +37,7 @@ class Daemon:
         self.store = Store()
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(SnapshotCollector(self.store))
+        self.registry.register(BoardCollector())  # the server's and workers' own (health.py)
         self.security = WebSecurity(cfg.web_config_file)  # ConfigError: refuse to start
         self.planner = Planner(cfg, self.store)
         self.runner = Runner(cfg.isolation, cfg.analysis_timeout, self.planner.stop_event,

@@ -54,8 +54,9 @@ def test_web_config_without_tls_notes_clear_text(tmp_path: Path):
     assert web.users == {"u": h} and web.tls is None
     assert web.rate_limit == (90.0, 3)
     assert any("clear text" in n for n in web.notes)
-    empty = load_web_config(str(_web(tmp_path, "")))
-    assert empty.tls is None and not empty.users
+    for text in ("", "# nothing yet\n", "{}\n"):  # fail closed (issue 13.4): not "no auth"
+        with pytest.raises(ConfigError, match="is empty"):
+            load_web_config(str(_web(tmp_path, text)))
 
 
 def test_duration_and_sans():

@@ -19,31 +19,24 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
-import ssl
-import threading
-import time
 from collections.abc import Callable, Iterable
-from socketserver import ThreadingMixIn
 from typing import Any
 from urllib.parse import parse_qs, unquote
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, gzip_accepted
 
-from bnexporter.daemon import names
+from bnexporter.daemon import health, names
 from bnexporter.daemon.state import Snapshot, Store
 from bnexporter.daemon.web import landing, page
 from bnexporter.daemon.web.exposition import FastText
 from bnexporter.daemon.web.security import WebSecurity
-from bnexporter.daemon.web.webconfig import allowed_san
+from bnexporter.daemon.web.server import HEADER_TIMEOUT, HTTPServer
 
 log = logging.getLogger("bnexporter.web")
 
-HEADER_TIMEOUT = 10.0   # seconds for the TLS handshake + request line + headers
-IO_TIMEOUT = 60.0       # seconds any later read or write may block
-MAX_CONNECTIONS = 256   # connections served at once; more are closed at once
+# the server itself (deadlines, connection caps, backlog) lives in server.py
+__all__ = ["HEADER_TIMEOUT", "App", "HTTPServer"]
 
 StartResponse = Callable[..., Any]
 Reload = Callable[[], tuple[bool, str]]
@@ -69,7 +62,11 @@ class App:
             start = _with_headers(start, sec.headers)
         if sec.limit is not None and not sec.limit.allow():
             return _send(start, "429 Too Many Requests", "Too Many Requests\n")
-        if sec.auth is not None and not sec.auth.check(environ.get("HTTP_AUTHORIZATION")):
+        verdict = True if sec.auth is None else sec.auth.check(environ.get("HTTP_AUTHORIZATION"))
+        if verdict is None:  # the bounded verification pool is full (auth.py)
+            return _send(start, "503 Service Unavailable", "busy verifying passwords\n",
+                         extra=[("Retry-After", "1")])
+        if not verdict:
             return _send(start, "401 Unauthorized", "Unauthorized\n",
                          extra=[("WWW-Authenticate", 'Basic realm="bnexporter"')])
         return self._route(environ, start)
@@ -129,9 +126,9 @@ class App:
     def _health(self, start: StartResponse) -> Iterable[bytes]:
         snap = self.store.snapshot
         dead = sorted(r for r, w in snap.watchers.items() if not w.up)
-        if dead:
-            return _send(start, "503 Service Unavailable",
-                         "".join(f"watcher dead: {r}\n" for r in dead))
+        problems = [f"watcher dead: {r}" for r in dead] + health.BOARD.problems()
+        if problems:  # e.g. a stopped worker pool (health.py)
+            return _send(start, "503 Service Unavailable", "".join(p + "\n" for p in problems))
         return _send(start, "200 OK", "ok\n")
 
 
@@ -208,104 +205,3 @@ def _with_headers(start: StartResponse, headers: tuple[tuple[str, str], ...]
     return wrapped
 
 
-class _Handler(WSGIRequestHandler):
-    timeout = HEADER_TIMEOUT  # until the request line and headers are in
-
-    def parse_request(self) -> bool:
-        ok = super().parse_request()
-        self.connection.settimeout(IO_TIMEOUT)  # a slow reader gives its thread back later
-        return ok
-
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("%s %s", self.address_string(), format % args)
-
-
-class _Server(ThreadingMixIn, WSGIServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 128
-    security: WebSecurity
-
-    def server_activate(self) -> None:
-        super().server_activate()
-        self._active = 0
-        self._active_lock = threading.Lock()
-        self._refused_logged = 0.0
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        """Accept thread: hand the connection to a thread, or close it when full."""
-        with self._active_lock:
-            full = self._active >= MAX_CONNECTIONS
-            if not full:
-                self._active += 1
-        if full:
-            now = time.monotonic()
-            if now - self._refused_logged > 60:
-                self._refused_logged = now
-                log.warning("%d connections open; closing new ones until some finish",
-                            MAX_CONNECTIONS)
-            self.shutdown_request(request)
-            return
-        try:
-            super().process_request(request, client_address)
-        except Exception:
-            self._release()
-            raise
-
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self._release()
-
-    def _release(self) -> None:
-        with self._active_lock:
-            self._active -= 1
-
-    def finish_request(self, request: Any, client_address: Any) -> None:
-        """Connection thread: TLS handshake (if configured), then the request."""
-        ctx = self.security.tls_context()
-        if ctx is None:
-            super().finish_request(request, client_address)
-            return
-        request.settimeout(HEADER_TIMEOUT)
-        try:
-            conn = ctx.wrap_socket(request, server_side=True)
-        except (OSError, ssl.SSLError) as exc:
-            log.debug("%s: TLS handshake failed: %s", client_address[0], exc)
-            return
-        try:
-            allowed = self.security.current().allowed_sans
-            if allowed and not allowed_san(conn.getpeercert(), allowed):
-                log.debug("%s: client certificate names none of client_allowed_sans",
-                          client_address[0])
-                return
-            super().finish_request(conn, client_address)
-        finally:
-            conn.close()
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        """A client that vanished or timed out is not worth a traceback on stderr."""
-        log.debug("error while serving %s", client_address, exc_info=True)
-
-
-class _Server6(_Server):
-    address_family = socket.AF_INET6
-
-
-class HTTPServer:
-    def __init__(self, host: str, port: int, app: App):
-        cls = _Server6 if ":" in host else _Server
-        self.server = make_server(host, port, app, server_class=cls, handler_class=_Handler)
-        self.server.security = app.security
-        self.port = self.server.server_address[1]
-        self._thread = threading.Thread(target=self.server.serve_forever,
-                                        kwargs={"poll_interval": 0.25}, name="http",
-                                        daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()

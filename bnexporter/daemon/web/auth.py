@@ -1,12 +1,27 @@
 """Basic auth against bcrypt hashes, and the web config's rate limit.
 
-bcrypt is slow on purpose (cost 10: ~70 ms): checking it on every scrape would
-cost a core at a few scrapes a second. Like exporter-toolkit, a verified
-(user, hash, password) triple is remembered; unlike it, the cache key is an
-HMAC with a per-process random key, so no password-equivalent is kept in
-memory. Failures are not cached; bcrypt checks run one at a time, so a stream
-of wrong passwords costs at most one core. Unknown users are checked against a
-dummy hash, so the answer time does not tell which user names exist.
+bcrypt is slow on purpose (cost 10: ~70 ms, cost 12: ~0.3 s): checking it on every
+scrape would cost a core at a few scrapes a second. Like exporter-toolkit, a
+verified (user, hash, password) triple is remembered; unlike it, the cache key is
+an HMAC with a per-process random key, so no password-equivalent is kept in
+memory. A cached pair never waits for anything.
+
+* **No user-name oracle.** An unknown user is checked against a dummy hash made
+  at start-up with the highest cost among the configured hashes, so it takes as
+  long as a real user's wrong password (with users of different costs, as long as
+  the costliest).
+* **A bounded verification pool.** At most ``VERIFIERS`` bcrypt checks run at once
+  (one core: the scrapes keep the other), at most ``MAX_WAITING`` requests wait for
+  one, each at most ``VERIFY_WAIT`` seconds, in arrival order. Beyond that the
+  answer is ``None`` (the server says 503 with ``Retry-After``) without running
+  bcrypt, so a flood of wrong passwords costs one core, never an unbounded queue,
+  and a valid password not cached yet is answered (or refused as busy) within
+  ``VERIFY_WAIT`` + one verification.
+* **Failures are remembered too** (the same HMAC, a bounded LRU): the same wrong
+  password again is refused without bcrypt, for a real user and an unknown one
+  alike, so a replayed wrong password cannot fill the pool.
+
+Counted in ``bnexporter_auth_verifications_total{result="ok|fail|busy"}``.
 """
 
 from __future__ import annotations
@@ -16,11 +31,20 @@ import binascii
 import hashlib
 import hmac
 import os
+import re
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 
-CACHE_SIZE = 1024
+from bnexporter.daemon import health
+
+CACHE_SIZE = 1024      # verified pairs remembered
+FAILED_SIZE = 4096     # failed pairs remembered
+VERIFIERS = 1          # bcrypt checks at once
+MAX_WAITING = 8        # requests waiting for a verifier; more are answered "busy" at once
+VERIFY_WAIT = 2.0      # seconds a request may wait for a verifier
+_COST = re.compile(r"^\$2[aby]?\$(\d\d)\$")
 
 
 class BasicAuth:
@@ -31,11 +55,18 @@ class BasicAuth:
         self.users = dict(users)
         self._secret = os.urandom(32)
         self._ok: set[bytes] = set()
-        self._lock = threading.Lock()
-        self._dummy = bcrypt.hashpw(b"no such user", bcrypt.gensalt(10))
+        self._failed: OrderedDict[bytes, None] = OrderedDict()
+        self._lock = threading.Lock()          # the two caches
+        self._verifiers = threading.Semaphore(VERIFIERS)
+        self._waiting = 0
+        costs = [int(m.group(1)) for h in self.users.values() if (m := _COST.match(h))]
+        self.dummy_cost = max(costs, default=10)
+        self._dummy = bcrypt.hashpw(os.urandom(16).hex().encode(),
+                                    bcrypt.gensalt(self.dummy_cost))
 
-    def check(self, header: str | None) -> bool:
-        """Whether an ``Authorization`` header carries valid credentials."""
+    def check(self, header: str | None) -> bool | None:
+        """Whether an ``Authorization`` header carries valid credentials; ``None``:
+        could not verify now (the pool is full), answer 503."""
         creds = parse_basic(header)
         if creds is None:
             return False
@@ -43,19 +74,42 @@ class BasicAuth:
         hashed = self.users.get(user)
         key = hmac.new(self._secret, b"\0".join((user.encode(), (hashed or "").encode(),
                                                   password.encode())), hashlib.sha256).digest()
-        if hashed is not None and key in self._ok:
-            return True
-        with self._lock:  # one bcrypt at a time
+        with self._lock:
+            if hashed is not None and key in self._ok:
+                return True
+            if key in self._failed:
+                self._failed.move_to_end(key)
+                return False
+            if self._waiting >= MAX_WAITING:
+                health.BOARD.inc("auth_verifications", "busy")
+                return None
+            self._waiting += 1
+        try:
+            if not self._verifiers.acquire(timeout=VERIFY_WAIT):
+                health.BOARD.inc("auth_verifications", "busy")
+                return None
+        finally:
+            with self._lock:
+                self._waiting -= 1
+        try:
             try:
                 good = self._bcrypt.checkpw(password.encode(),
                                             hashed.encode() if hashed else self._dummy)
             except ValueError:  # a malformed hash (validated at load; be safe anyway)
                 good = False
-            good = good and hashed is not None
+        finally:
+            self._verifiers.release()
+        good = good and hashed is not None
+        with self._lock:
             if good:
                 if len(self._ok) >= CACHE_SIZE:
                     self._ok.clear()
                 self._ok.add(key)
+            else:
+                self._failed[key] = None
+                if len(self._failed) > FAILED_SIZE:
+                    self._failed.popitem(last=False)
+        health.BOARD.inc("auth_verifications", "ok" if good else "fail")
         return good
 
 

@@ -21,7 +21,7 @@ from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from bnexporter.daemon import names
+from bnexporter.daemon import health, names
 from bnexporter.daemon.state import ModelView, Store
 from bnexporter.daemon.web.collector import exporter_families, model_families, runtime_families
 
@@ -59,6 +59,7 @@ class _Exporter(Collector):
     def collect(self) -> Iterator[Metric]:
         yield from runtime_families()
         yield from exporter_families(self.store.snapshot)
+        yield from health.BOARD.families()  # the server's, web config's, workers' own
 
 
 class FastText:

@@ -212,6 +212,10 @@ def _duration(source: str, value: Any, loc: str) -> float:
 def load_web_config(path: str) -> WebConfig:
     """Parse and validate; every problem is one ``ConfigError`` line."""
     raw = read_yaml(path)
+    if raw is None or raw == {}:  # fail closed: never read as "no TLS, no auth"
+        raise _fail(path, "", "is empty (no tls_server_config, no basic_auth_users; a file "
+                    "being rewritten?); to serve without TLS and authentication, do not "
+                    "give a web config file")
     base = os.path.dirname(os.path.abspath(path))
     values = _map(path, raw, "", TOP_KEYS)
     notes: list[str] = []
