@@ -385,9 +385,9 @@ class Planner:
             for m in self._by_folder.get(probe, ()):
                 if (probe == path or not ignored_path(path, probe)) and (
                         is_dir or may_matter(path, m.target.analysis.patterns)):
-                    if not is_dir and (kind == "moved" or kind == "closed" and not any(
+                    if not is_dir and (kind == "moved" or (kind == "closed" and not any(
                             fnmatch.fnmatchcase(os.path.basename(path), p)
-                            for p in CLOSE_NOT_FINAL)):
+                            for p in CLOSE_NOT_FINAL))):
                         self._closed(m, path)
                     self._schedule(m, now + DEBOUNCE)
             parent = os.path.dirname(probe)
