@@ -48,7 +48,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="1,4", help="file sizes in GB (1e9 bytes), comma list")
     ap.add_argument("--formats", default="h5,safetensors,pt", help="any of h5,safetensors,pt,tf")
-    ap.add_argument("--probes", default="raw,bn,bnplain,full,naive,torch")
+    ap.add_argument("--probes", default="raw,mmap,bn,bnplain,full,naive,torch")
     ap.add_argument("--out", help="directory for the big files (default: a new temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the files (reused next run)")
     ap.add_argument("--torch-python", help="interpreter with torch for the torch peer "
@@ -177,15 +177,16 @@ def _mb(x: float | None) -> str:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    head = ("| format | size GB | raw read s (GB/s) | BN-only ms first / steady | "
+    head = ("| format | size GB | raw read s (GB/s) | mmap one-pass s | "
+            "BN-only ms first / steady | "
             "BN-only no-refine ms first / steady | "
             "full scan s (GB/s) | full peak RSS MB | naive s | naive peak RSS MB | "
             "full vs naive | full / raw | torch mmap BN-only ms first / steady |")
     lines = [head, "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"]
     for r in rows:
         p = r["probes"]
-        raw, bn, bp, full, nv, tc = (p.get(k, {}) for k in
-                                     ("raw", "bn", "bnplain", "full", "naive", "torch"))
+        raw, mm, bn, bp, full, nv, tc = (p.get(k, {}) for k in
+                                     ("raw", "mmap", "bn", "bnplain", "full", "naive", "torch"))
         gb = r["bytes"] / GB
         tput = lambda d, gb=gb: f"{_s(d.get('seconds'))} ({gb / d['seconds']:.2f})" \
             if d.get("seconds") else "-"  # noqa: E731
@@ -194,7 +195,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         ratio = f"{full['seconds'] / raw['seconds']:.1f}x" \
             if raw.get("seconds") and full.get("seconds") else "-"
         lines.append(
-            f"| {r['format']} | {gb:.2f} | {tput(raw)} | "
+            f"| {r['format']} | {gb:.2f} | {tput(raw)} | {_s(mm.get('seconds'))} | "
             f"{_ms(bn.get('seconds'))} / {_ms(bn.get('repeat_median'))} | "
             f"{_ms(bp.get('seconds'))} / {_ms(bp.get('repeat_median'))} | {tput(full)} | "
             f"{_mb(full.get('peak_rss_mb'))} | {_s(nv.get('seconds'))} | "
