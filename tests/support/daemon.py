@@ -47,8 +47,9 @@ class Scrape:
         return [dict(lbl) for (n, lbl) in self.samples if n == name]
 
     def models(self) -> set[str]:
+        """Every model the daemon knows, analysed or not (model_up waits for a checkpoint)."""
         return {dict(lbl)["model"] for (n, lbl) in self.samples
-                if n == "bnexporter_model_up"}
+                if n in ("bnexporter_model_up", "bnexporter_model_exported_series")}
 
 
 class DaemonProcess:
