@@ -28,6 +28,10 @@ used, each labelled in ``consumer_source``:
     ``conv_head``) puts the activation inside the norm layer: SiLU / hard-swish
     after ``bn1`` (and ``bn2`` of inverted-residual blocks), none after the
     block's last BN. Reported as ``silu`` / ``linear``: not ReLUs either way.
+``inferred:linear-bottleneck``
+    A BN named as a projection (``project``, ``projection``, ``pwl``) closes an inverted
+    residual's linear bottleneck: no activation follows it (MobileNetV2/V3,
+    EfficientNet). Taken before the statistics, which cannot see the residual sum.
 ``preset:torchvision_mobilenet_v3``
     torchvision's MobileNetV3 (``features.N.block.M.1``): the block's last BN
     is its linear projection; the others carry the block's activation, ReLU for
@@ -65,6 +69,8 @@ POST_ACT_MIN = 16      # channels needed before "all means >= 0" is evidence
 
 _SE = re.compile(r"(^|[._/])(se|squeeze|excite|excitation|conv_reduce|conv_expand|"
                  r"se_reduce|se_expand)([._/]|$)", re.I)
+_PROJECT = re.compile(r"(^|[._/])(project|projection|project_bn|project_BN|pwl|bn_pwl)"
+                      r"([._/]|_bn|_BN|$)", re.I)
 _SE_FC = re.compile(r"(^|[._/])fc[12][._/](weight|kernel)")  # torchvision's SE convs
 _SHORTCUT = re.compile(r"(^|[._/])(downsample|shortcut|proj|skip|residual)([._/]|$)", re.I)
 _NUMBERED = re.compile(r"^(bn|norm|n|batchnorm|batch_norm)(\d+)$", re.I)
@@ -332,11 +338,23 @@ def _residual(bns: Sequence[BNRef]) -> dict[str, str]:
             if name.startswith(block + ".") or name.startswith(block + "/"):
                 stages_with_shortcut.add(_split(block)[0])
                 out[name] = "add"
+    # a block shaped like one with a shortcut (same numbered leaves) is residual too:
+    # identity shortcuts (same width in and out) store no tensor
+    residual_shapes = {tuple(sorted(_split(n)[1] for _, n in numbered))
+                       for block, numbered in by_block.items()
+                       if _split(block)[0] in stages_with_shortcut}
     for block, numbered in by_block.items():
-        if len(numbered) < 2 or _split(block)[0] not in stages_with_shortcut:
+        shape = tuple(sorted(_split(n)[1] for _, n in numbered))
+        if len(numbered) < 2 or (_split(block)[0] not in stages_with_shortcut
+                                 and shape not in residual_shapes):
             continue
         out[max(numbered)[1]] = "add"
     return out
+
+
+def _projection(name: str) -> bool:
+    """MobileNet / EfficientNet naming: the projection BN closes a linear bottleneck."""
+    return bool(_PROJECT.search(name)) and not _SHORTCUT.search(name)
 
 
 def infer_consumers(reader: Reader, bns: Sequence[BNRef],
@@ -352,6 +370,9 @@ def infer_consumers(reader: Reader, bns: Sequence[BNRef],
     # cannot see a sum (the next conv reads the activation of the sum)
     for name, kind in _residual([b for b in bns if b.name in unknown]).items():
         out[name] = Inferred(kind, "inferred:residual-block")
+    for name in unknown - set(out):
+        if _projection(name):
+            out[name] = Inferred("linear", "inferred:linear-bottleneck")
     unknown = unknown - set(out)
     modern = any(_SE.search(n) or (_SE_FC.search(n) and len(reader.info(n).shape) == 4)
                  for n in reader.names())

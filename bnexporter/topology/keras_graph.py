@@ -142,7 +142,12 @@ class KerasGraph:
             return "linear"
         kinds = {self._classify(self.layers[u], _depth) if u in self.layers else "unknown"
                  for u in users}
-        return kinds.pop() if len(kinds) == 1 else "unknown"
+        if len(kinds) == 1:
+            return kinds.pop()
+        if "unknown" in kinds:
+            return "unknown"
+        # a MobileNet projection feeds the residual Add and the next block's conv
+        return "add" if kinds <= {"add", "linear"} else "other"
 
     def _classify(self, spec: LayerSpec, depth: int) -> str:
         cls, cfg = spec.class_name, spec.config
