@@ -24,7 +24,7 @@ from bnexporter.detection.extremes import (
     role_of,
 )
 from bnexporter.detection.links import Link, find_links
-from bnexporter.detection.measured import measure, sample_for
+from bnexporter.detection.measured import measure, measure_distilled, sample_for
 from bnexporter.detection.order import model_order
 from bnexporter.detection.refine import (
     BNParams,
@@ -57,6 +57,7 @@ class ScanOptions:
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
     census: str | None = None      # a sample of model inputs (else bnexporter-census.npy beside)
     census_seconds: float = 60.0   # time budget of one census
+    distill: bool = False          # without a sample: census over distilled inputs (opt-in)
 
 
 def analyse_path(path: str, opts: ScanOptions | None = None,
@@ -99,6 +100,9 @@ def _analyse(reader: Reader, opts: ScanOptions, progress: Progress | None) -> Ch
     if sample is not None and layer_reports:
         layer_reports = measure(reader, layer_reports, sample, th, opts.census_seconds,
                                 reader.meta.notes)
+    elif opts.distill and layer_reports:
+        layer_reports = measure_distilled(reader, layer_reports, th, opts.census_seconds,
+                                          reader.meta.notes)
     bn_tensors = {t for layer in layers
                   for t in (layer.gamma, layer.beta, layer.mean, layer.var) if t}
     if opts.bn_only:

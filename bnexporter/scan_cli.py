@@ -76,6 +76,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a .npy / .npz of unlabeled model inputs (N x H x W x C or N x C x H x W):"
                    " run the model over it and decide dead channels by measured activity "
                    "(default: bnexporter-census.npy beside the checkpoint, if any)")
+    p.add_argument("--distill", action="store_true",
+                   help="no sample: run the census over inputs distilled from the BN "
+                   "statistics (slow: minutes on a CPU; verdicts labelled census:distilled)")
     p.add_argument("--census-seconds", type=float, default=60.0, metavar="S",
                    help="time budget of one census (default 60)")
     p.add_argument("--bn-only", action="store_true",
@@ -131,7 +134,8 @@ def options_from_args(args: argparse.Namespace) -> ScanOptions:
         raise UsageError(str(exc)) from None
     if args.census_seconds <= 0:
         raise UsageError("--census-seconds: must be > 0")
-    return replace(opts, census=args.census, census_seconds=args.census_seconds)
+    return replace(opts, census=args.census, census_seconds=args.census_seconds,
+                   distill=args.distill)
 
 
 def _output_format(args: argparse.Namespace) -> str:

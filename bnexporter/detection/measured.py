@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import replace
 
 from bnexporter.detection.analysis import Thresholds
 from bnexporter.detection.census import CensusResult, run_census
@@ -44,6 +43,29 @@ def graph_for(reader: Reader) -> Graph | None:
     return found.graph if found is not None else None
 
 
+def measure_distilled(reader: Reader, reports: list[LayerReport], th: Thresholds,
+                      seconds: float, notes: list[str]) -> list[LayerReport]:
+    """The census over inputs distilled from the BN statistics (opt-in: see docs/distill.md).
+
+    Its verdicts are labelled ``census:distilled``: measured recall and precision are
+    below the sample census early in training, so alerting defaults never rely on it.
+    """
+    from bnexporter.detection.distill import distilled_census
+
+    graph = graph_for(reader)
+    if graph is None:
+        notes.append("distilled census: no graph for this checkpoint; the estimate decides")
+        return reports
+    try:
+        got = distilled_census(graph, reader.read_array, deadline=time.monotonic() + seconds)
+    except (ValueError, CheckpointError) as exc:
+        notes.append(f"distilled census: {printable(str(exc))}")
+        return reports
+    notes.append(f"distilled census: {got.distilled.iterations} iterations, loss "
+                 f"{got.distilled.loss:.4f}, {got.seconds:.1f} s")
+    return _decide(graph, got.census, reports, th, notes, "census:distilled")
+
+
 def measure(reader: Reader, reports: list[LayerReport], sample_path: str, th: Thresholds,
             seconds: float, notes: list[str]) -> list[LayerReport]:
     """``reports`` with census verdicts where the census ran; problems become notes."""
@@ -66,7 +88,7 @@ def measure(reader: Reader, reports: list[LayerReport], sample_path: str, th: Th
 
 
 def _decide(graph: Graph, result: CensusResult, reports: list[LayerReport], th: Thresholds,
-            notes: list[str]) -> list[LayerReport]:
+            notes: list[str], evidence: str = "census:sample") -> list[LayerReport]:
     by_mean = {n.params["mean"]: n.name for n in graph.nodes
                if n.op == "bn" and "mean" in n.params}
     out = []
@@ -79,7 +101,7 @@ def _decide(graph: Graph, result: CensusResult, reports: list[LayerReport], th: 
             continue
         activity = result[node]
         thin += activity.positions < MIN_POSITIONS
-        out.append(apply_census(layer, activity, "census:sample", th))
+        out.append(apply_census(layer, activity, evidence, th))
     if result.skipped:
         first = next(iter(result.skipped.items()))
         notes.append(f"census: {len(result.skipped)} nodes not run (e.g. {first[0]}: "
@@ -88,4 +110,4 @@ def _decide(graph: Graph, result: CensusResult, reports: list[LayerReport], th: 
         notes.append(f"census: {thin} layers saw fewer than {MIN_POSITIONS} positions per "
                      "channel: a larger sample resolves them better")
     notes.append(f"census: {result.inputs} inputs in {result.seconds:.2f} s")
-    return [replace(r) for r in out]
+    return out

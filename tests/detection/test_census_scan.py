@@ -83,3 +83,12 @@ def test_scan_cli_census_flag(tmp_path):
     doc = json.loads(out.stdout)["checkpoints"][0]
     assert {layer["evidence"] for layer in doc["bn_layers"]} == {"census:sample"}
     assert doc["summary"]["census_layers"] == 52
+
+
+def test_distilled_census_is_opt_in_and_labelled():
+    small = os.path.join(FIX, "keras", "k3_small.keras")
+    plain = analyse_path(small, ScanOptions(bn_only=True))
+    assert {layer.evidence for layer in plain.bn_layers} == {"estimate"}
+    report = analyse_path(small, ScanOptions(bn_only=True, distill=True, census_seconds=30))
+    assert {layer.evidence for layer in report.bn_layers} == {"census:distilled"}
+    assert any(n.startswith("distilled census:") for n in report.notes)
