@@ -166,6 +166,7 @@ def test_check_config_cli_bad_file_is_one_line_no_traceback(tmp_path):
     res = subprocess.run([sys.executable, "-m", "bnexporter", "check-config", str(path)],
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
+    assert res.stdout == ""
 
 
 def test_check_config_passes_on_the_shipped_example():
@@ -174,4 +175,3 @@ def test_check_config_passes_on_the_shipped_example():
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     assert "Traceback" not in res.stderr and "valid" in res.stdout
-    assert res.stdout == ""
