@@ -93,7 +93,12 @@ def _analyse(reader: Reader, opts: ScanOptions, progress: Progress | None) -> Ch
     except (KeyError, ValueError, TypeError) as exc:
         raise reader.error(f"cannot group BatchNorm tensors: {exc}") from None
     layers = model_order(layers, reader)  # the model's order, never alphabetical
-    refined = _refine(reader, layers, th) if th.refine else {}
+    roles = bn_role_map(layers)
+    # a full scan takes the statistics of each refined producer kernel from the
+    # refinement's read of it: those bytes are read once, not twice
+    scanned: dict[str, TensorStats] | None = None if opts.bn_only else {}
+    refined = _refine(reader, layers, th, roles, opts.chunk_elements, scanned) \
+        if th.refine else {}
     layer_reports = [_analyse_layer(reader, layer, th, refined.get(layer.name))
                      for layer in layers]
     sample = sample_for(reader.path, opts.census)
@@ -112,9 +117,9 @@ def _analyse(reader: Reader, opts: ScanOptions, progress: Progress | None) -> Ch
     total = sum(i.size * dtypes.itemsize(i.dtype) for i in infos)
     done = 0
     tensors: list[TensorReport] = []
-    roles = bn_role_map(layers)
     for info in infos:
-        tensors.append(_scan_tensor(reader, info, th, opts.chunk_elements, roles))
+        tensors.append(_scan_tensor(reader, info, th, opts.chunk_elements, roles,
+                                    scanned.pop(info.name, None) if scanned else None))
         done += info.size * dtypes.itemsize(info.dtype)
         if progress:
             progress(done, total)
@@ -132,10 +137,12 @@ def _analyse(reader: Reader, opts: ScanOptions, progress: Progress | None) -> Ch
         bn_layers=layer_reports, tensors=tensors, notes=list(reader.meta.notes))
 
 
-def _refine(reader: Reader, layers: list[BNLayer], th: Thresholds) -> dict[str, Refined]:
+def _refine(reader: Reader, layers: list[BNLayer], th: Thresholds, roles: dict[str, str],
+            chunk: int, scanned: dict[str, TensorStats] | None) -> dict[str, Refined]:
     """Refined estimates for the layers whose producer is known (refine.py)."""
+    scan = None if scanned is None else _KernelScans(th, roles, chunk, scanned)
     try:
-        return refine_layers(reader, layers, th.refine_kernel_max)
+        return refine_layers(reader, layers, th.refine_kernel_max, scan)
     except (KeyError, ValueError, TypeError, IndexError, CheckpointError):
         return {}  # the plain estimate stands
 
@@ -166,21 +173,32 @@ def _out_axis(reader: Reader, info: TensorInfo) -> int | None:
     return -1 if reader.meta.framework in ("keras", "tf") else 0
 
 
-def _scan_tensor(reader: Reader, info: TensorInfo, th: Thresholds, chunk: int,
-                 roles: dict[str, str] | None = None) -> TensorReport:
+def _role(reader: Reader, info: TensorInfo, roles: dict[str, str] | None) -> str:
+    auxiliary = info.name in reader.meta.auxiliary
+    is_kernel = (len(info.shape) >= 2 and bool(_KERNEL_NAME.search(info.name))
+                 and "embed" not in info.name.lower())
+    return role_of(info.name, roles or {}, is_kernel, auxiliary, info.dtype)
+
+
+def _new_scan(reader: Reader, info: TensorInfo, th: Thresholds, role: str,
+              full: bool) -> TensorScan:
     axis = _out_axis(reader, info)
     shape = info.shape
     if axis == -1 and len(shape) == 4 and shape[-1] == 1:  # depthwise (kh, kw, in, 1)
         shape = (*shape[:-2], shape[-2])
+    return TensorScan(shape, info.dtype, th, axis, bands=full, negative=full or role == VAR)
 
+
+def _scan_tensor(reader: Reader, info: TensorInfo, th: Thresholds, chunk: int,
+                 roles: dict[str, str] | None = None,
+                 done: TensorStats | None = None) -> TensorReport:
+    """``done``: the statistics of the first pass when they were taken already (a
+    producer kernel scanned while the refinement read it)."""
     auxiliary = info.name in reader.meta.auxiliary
-    is_kernel = (len(info.shape) >= 2 and bool(_KERNEL_NAME.search(info.name))
-                 and "embed" not in info.name.lower())
-    role = role_of(info.name, roles or {}, is_kernel, auxiliary, info.dtype)
+    role = _role(reader, info, roles)
 
     def run(full: bool) -> TensorStats:
-        scan = TensorScan(shape, info.dtype, th, axis, bands=full,
-                          negative=full or role == VAR)
+        scan = _new_scan(reader, info, th, role, full)
         # cache-sized raw pieces into one reused buffer (the decoded chunks where the
         # format has no contiguous bytes); ``chunk`` bounds the decoded fallback
         for start, part in reader.iter_raw(info.name, min(chunk, scan.piece_elements)):
@@ -190,7 +208,7 @@ def _scan_tensor(reader: Reader, info: TensorInfo, th: Thresholds, chunk: int,
     # the band counts and the negatives matter to judge() only for a tensor with a
     # large share of values below 1/T, or one of constant magnitude: only those are
     # read a second time with every count on
-    st = run(False)
+    st = done if done is not None else run(False)
     if st.band1 < 0 and _needs_all_counts(st, role):
         st = run(True)
     verdict = judge(st, role, info.dtype)
@@ -211,12 +229,25 @@ def _needs_all_counts(st: TensorStats, role: str) -> bool:
     return constant or (k > 0 and k >= ExtremeThresholds().tiny_fraction * (st.size - st.zero))
 
 
-def refine_layers(reader: Reader, layers: list[BNLayer],
-                  kernel_max: int = 1 << 22) -> dict[str, Refined]:
+class _KernelScans:
+    """The full scan's first pass over the kernels the refinement reads anyway."""
+
+    def __init__(self, th: Thresholds, roles: dict[str, str], chunk: int,
+                 out: dict[str, TensorStats]):
+        self.th, self.roles, self.chunk, self.out = th, roles, chunk, out
+
+    def start(self, reader: Reader, info: TensorInfo) -> TensorScan:
+        return _new_scan(reader, info, self.th, _role(reader, info, self.roles), False)
+
+
+def refine_layers(reader: Reader, layers: list[BNLayer], kernel_max: int = 1 << 22,
+                  scans: _KernelScans | None = None) -> dict[str, Refined]:
     """Read what the refinement needs (BN vectors, producer kernels) and run it.
 
     Kernels larger than ``kernel_max`` elements are not read: their layers keep
-    the plain estimate, so a BN-only scan of a huge model stays cheap.
+    the plain estimate, so a BN-only scan of a huge model stays cheap. With
+    ``scans`` (a full scan), each float32 kernel read here is also run through the
+    full scan's first pass, and its statistics are left in ``scans.out``.
     """
     links = find_links(reader, layers)
     if not links:
@@ -228,13 +259,21 @@ def refine_layers(reader: Reader, layers: list[BNLayer],
                                       reader.read(layer.mean), reader.read(layer.var), layer.eps)
               for layer in layers}
     producers: dict[str, _LazyProducer] = {}
+    largest = 0
     for name, link in links.items():
         if link.feed is None or link.groups <= 0:
             continue
-        if reader.info(link.kernel).size > kernel_max:
+        size = reader.info(link.kernel).size
+        if size > kernel_max:
             continue
+        largest = max(largest, size)
         bias = None if link.bias is None else np.asarray(reader.read(link.bias), np.float64)
-        producers[name] = _LazyProducer(reader, link, bias)
+        producers[name] = _LazyProducer(reader, link, bias, scans)
+    # one buffer for every kernel of this analysis (no allocation and page faults per
+    # kernel), dropped with it
+    buffer = np.empty(largest, np.float32)
+    for prod in producers.values():
+        prod.buffer = buffer
     return refine_network(params, producers)
 
 
@@ -242,10 +281,35 @@ class _LazyProducer:
     """A producer whose kernel is read and reduced only when its layer is refined,
     and not kept: memory stays bounded by the largest kernel, not the model."""
 
-    def __init__(self, reader: Reader, link: Link, bias: np.ndarray | None):
-        self.link, self.bias, self._reader = link, bias, reader
+    def __init__(self, reader: Reader, link: Link, bias: np.ndarray | None,
+                 scans: _KernelScans | None = None):
+        self.link, self.bias, self._reader, self._scans = link, bias, reader, scans
+        self.buffer: np.ndarray | None = None
 
     @property
     def kernel(self) -> KernelStats:
-        w = kernel_matrix(self._reader.read_array(self.link.kernel), self.link.layout)
+        w = kernel_matrix(_read_kernel(self._reader, self.link.kernel, self.buffer,
+                                       self._scans), self.link.layout)
         return KernelStats.of(w)
+
+
+def _read_kernel(reader: Reader, name: str, buffer: np.ndarray | None,
+                 scans: _KernelScans | None) -> np.ndarray:
+    """A float32 kernel read in cache-sized pieces into ``buffer``; each piece also
+    goes through the full scan's first pass when ``scans`` asks for it. Valid until
+    the next call (KernelStats keeps nothing of it)."""
+    info = reader.info(name)
+    if info.dtype != "float32" or not info.size or buffer is None or buffer.size < info.size:
+        return reader.read_array(name)
+    scan = None if scans is None or name in scans.out else scans.start(reader, info)
+    out = buffer[: info.size]
+    piece = DEFAULT_CHUNK_ELEMENTS if scan is None else min(scans.chunk if scans else 0,
+                                                             scan.piece_elements)
+    for start, part in reader.iter_raw(name, piece):
+        if scan is not None:
+            scan.update(start, part)
+        out[start: start + part.size] = part.view(np.float32) if part.dtype == np.uint32 \
+            else part
+    if scans is not None and scan is not None:
+        scans.out[name] = scan.result()
+    return out.reshape(info.shape)

@@ -222,7 +222,32 @@ def pearson3_sf(z: np.ndarray, skew: np.ndarray) -> np.ndarray:
     skewness bounds U above at 2 / |skew| (a short right tail), a positive one
     gives a long right tail.
     """
-    return np.vectorize(_pearson3_sf_one, otypes=[np.float64])(z, skew)
+    zz, sk = np.broadcast_arrays(np.asarray(z, np.float64), np.asarray(skew, np.float64))
+    shape = zz.shape
+    zz, sk = zz.ravel(), sk.ravel()
+    out = np.empty(zz.size, np.float64)
+    # the two closed forms of _pearson3_sf_one vectorised (normal_cdf: relative error
+    # < 1.2e-7, also in the far tails); only strongly skewed channels take the scalar
+    # incomplete gamma
+    normal = np.abs(sk) < 1e-3
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+        k = 4.0 / (sk * sk)
+    wh = ~normal & (k > 50)
+    rest = ~normal & ~wh
+    if normal.any():
+        out[normal] = normal_cdf(-zz[normal])
+    if wh.any():
+        kw, sw, zw = k[wh], sk[wh], zz[wh]
+        g = kw + np.copysign(1.0, sw) * zw * np.sqrt(kw)
+        pos = g > 0
+        gp = np.where(pos, g, kw)
+        w = ((gp / kw) ** (1.0 / 3.0) - (1.0 - 1.0 / (9.0 * kw))) * np.sqrt(9.0 * kw)
+        upper = normal_cdf(-w)
+        val = np.where(sw > 0, upper, 1.0 - upper)
+        out[wh] = np.where(pos, val, np.where(sw > 0, 1.0, 0.0))
+    if rest.any():
+        out[rest] = [_pearson3_sf_one(float(a), float(b)) for a, b in zip(zz[rest], sk[rest])]
+    return out.reshape(shape)
 
 
 def kernel_matrix(kernel: np.ndarray, layout: str) -> np.ndarray:
@@ -260,23 +285,71 @@ class KernelStats:
 
     @staticmethod
     def of(w: np.ndarray) -> KernelStats:
-        """Float32 throughout: these feed moment estimates, not exact arithmetic."""
+        """Float32 throughout: these feed moment estimates, not exact arithmetic.
+
+        No kernel-sized temporaries: the sums run over cache-sized blocks of rows
+        (taps contiguous, torch layout) or tap by tap (taps outermost, Keras layout:
+        no transposed copy of the kernel).
+        """
         w = np.asarray(w, np.float32)
         out, per_group, taps = w.shape
         if taps == 1:  # 1x1 conv / dense: every sum is the weight itself
-            one = np.ascontiguousarray(w[:, :, 0])
+            one = w[:, :, 0].copy(order="K")  # Keras: stays transposed, matmul takes it
             sq = one * one
             cube = sq * one
             return KernelStats(np.maximum(one, 0), np.minimum(one, 0), one, sq, cube, sq, cube, 1)
-        flat = w.reshape(-1, taps)
-        ones = np.ones(taps, np.float32)
-        # sums over a short last axis: a matrix-vector product is much faster than .sum
-        tap_sum = lambda a: (a @ ones).reshape(out, per_group)  # noqa: E731
-        w2 = flat * flat
-        wsum, wpos = tap_sum(flat), tap_sum(np.maximum(flat, 0))
+        outer = w.transpose(2, 1, 0)  # (taps, per_group, out)
+        if outer.flags.c_contiguous and not w.flags.c_contiguous:
+            sums = _tap_sums_outer(outer).transpose(0, 2, 1)
+        else:
+            sums = _tap_sums_rows(np.ascontiguousarray(w).reshape(-1, taps)).reshape(
+                4, out, per_group)
+        wsum, wpos, w2, w3 = sums  # views (transposed for Keras): BLAS reads them in place
         sq = wsum * wsum
-        return KernelStats(wpos, wsum - wpos, wsum, sq, sq * wsum, tap_sum(w2),
-                           tap_sum(w2 * flat), taps)
+        return KernelStats(wpos, wsum - wpos, wsum, sq, sq * wsum, w2, w3, taps)
+
+
+_BLOCK_ELEMENTS = 1 << 16  # 256 KiB of float32 per block: the temporaries stay in L2
+
+
+def _tap_sums_rows(flat: np.ndarray) -> np.ndarray:
+    """(sum, sum of positives, sum of squares, sum of cubes) of each row of ``flat``
+    (rows x taps, C order), as a (4, rows) float32 array."""
+    rows, taps = flat.shape
+    res = np.empty((4, rows), np.float32)
+    block = max(1, _BLOCK_ELEMENTS // taps)
+    ones = np.ones(taps, np.float32)
+    buf = np.empty((min(block, rows), taps), np.float32)
+    sq = np.empty_like(buf)
+    for s in range(0, rows, block):
+        part = flat[s: s + block]
+        n = part.shape[0]
+        t, t2 = buf[:n], sq[:n]
+        # sums over a short last axis: a matrix-vector product is much faster than .sum
+        np.matmul(part, ones, out=res[0, s: s + n])
+        np.maximum(part, 0, out=t)
+        np.matmul(t, ones, out=res[1, s: s + n])
+        np.multiply(part, part, out=t2)
+        np.matmul(t2, ones, out=res[2, s: s + n])
+        np.multiply(t2, part, out=t)
+        np.matmul(t, ones, out=res[3, s: s + n])
+    return res
+
+
+def _tap_sums_outer(outer: np.ndarray) -> np.ndarray:
+    """The same sums over axis 0 of a C-ordered (taps, a, b) array: (4, a, b)."""
+    res = np.zeros((4, *outer.shape[1:]), np.float32)
+    t = np.empty(outer.shape[1:], np.float32)
+    t2 = np.empty_like(t)
+    for tap in outer:
+        res[0] += tap
+        np.maximum(tap, 0, out=t)
+        res[1] += t
+        np.multiply(tap, tap, out=t2)
+        res[2] += t2
+        np.multiply(t2, tap, out=t)
+        res[3] += t
+    return res
 
 
 @dataclass
@@ -314,11 +387,13 @@ class ConvInput:
         return np.clip(np.where(np.isfinite(r), r, 1.0), 0.0, 1.0)
 
 
-def conv_input(ks: KernelStats, groups: int, feed: Dist, bias: np.ndarray | None) -> ConvInput:
+def conv_input(ks: KernelStats, groups: int, feed: Dist, bias: np.ndarray | None,
+               variance_only: bool = False) -> ConvInput:
     """Moments and range of x = sum(w * a) + bias, with a distributed as ``feed``.
 
     With several taps, zero padding can feed zeros at the borders: the range of
-    every input is widened to contain 0.
+    every input is widened to contain 0. ``variance_only``: the mean and the two
+    variance limits only (range and third moments left at 0), 3 products of 9.
     """
     out, per_group = ks.wpos.shape
     cin = feed.mean.shape[0]
@@ -338,15 +413,23 @@ def conv_input(ks: KernelStats, groups: int, feed: Dist, bias: np.ndarray | None
                          a32.reshape(groups, per_group)).reshape(out).astype(np.float64)
 
     b = np.zeros(out) if bias is None else np.asarray(bias, np.float64)
+    mean = mix(ks.wsum, feed.mean) + b
+    var_ind = mix(ks.w2, feed.var)
+    # one tap (1x1 conv, dense): both limits are the same product
+    var_full = var_ind if ks.wsum2 is ks.w2 else mix(ks.wsum2, feed.var)
+    if variance_only:
+        zero = np.zeros(out)
+        return ConvInput(mean, zero, zero, feed.moments, var_ind, var_full, zero, zero)
+    k3_ind = mix(ks.w3, k3)
     return ConvInput(
-        mean=mix(ks.wsum, feed.mean) + b,
+        mean=mean,
         lo=mix(ks.wpos, lo) + mix(ks.wneg, hi) + b,
         hi=mix(ks.wpos, hi) + mix(ks.wneg, lo) + b,
         moments=feed.moments,
-        var_ind=mix(ks.w2, feed.var),
-        var_full=mix(ks.wsum2, feed.var),
-        k3_ind=mix(ks.w3, k3),
-        k3_full=mix(ks.wsum3, k3))
+        var_ind=var_ind,
+        var_full=var_full,
+        k3_ind=k3_ind,
+        k3_full=k3_ind if ks.wsum3 is ks.w3 else mix(ks.wsum3, k3))
 
 
 @dataclass
@@ -407,6 +490,10 @@ class _Network:
         self.propagate, self.k, self.skew = propagate, k, skew
         self.done: dict[str, Refined] = {}
         self.failed: set[str] = set()
+        # a feed's value once every BN it reads is settled (refined or failed): in a
+        # residual network each block's feed contains the whole stream before it, so
+        # without this the clipped moments are recomputed ~10x per layer
+        self._settled: dict[Feed, tuple[Dist, Dist] | None] = {}
 
     def visit(self, name: str, stack: set[str]) -> None:
         if name in self.done or name in self.failed or name in stack:
@@ -446,10 +533,32 @@ class _Network:
         inf.hi = np.minimum(inf.hi, ref.y_hi)
         return train, inf.bounded()
 
+    def _is_settled(self, name: str) -> bool:
+        return name in self.done or name in self.failed or name not in self.producers
+
     def _feed(self, feed: Feed) -> tuple[Dist, Dist] | None:
+        return self._feed_memo(feed)[0]
+
+    def _feed_memo(self, feed: Feed) -> tuple[tuple[Dist, Dist] | None, bool]:
+        """(value, settled): a settled value cannot change any more and is kept."""
+        try:
+            return self._settled[feed], True
+        except KeyError:
+            pass
         if feed.op == "bn":
-            return None if feed.bn is None else self._outputs(feed.bn)
-        args = [self._feed(a) for a in feed.args]
+            if feed.bn is None:
+                return None, True
+            value, settled = self._outputs(feed.bn), self._is_settled(feed.bn)
+        else:
+            parts = [self._feed_memo(a) for a in feed.args]
+            settled = all(p[1] for p in parts)
+            value = self._combine(feed, [p[0] for p in parts])
+        if settled:
+            self._settled[feed] = value
+        return value, settled
+
+    def _combine(self, feed: Feed, args: list[tuple[Dist, Dist] | None]
+                 ) -> tuple[Dist, Dist] | None:
         if not args or any(a is None for a in args):
             return None
         pairs = [a for a in args if a is not None]
@@ -468,7 +577,7 @@ class _Network:
         x_mean, x_var, skew = bn.mean, bn.var, np.zeros_like(bn.mean)
         if ci.moments:
             # the running variance (training mode) tells how alike the taps are
-            ct = conv_input(ks, groups, train, prod.bias)
+            ct = conv_input(ks, groups, train, prod.bias, variance_only=True)
             rho = ct.rho(bn.var)
             if self.propagate:
                 vt, vi = ct.var(rho), ci.var(rho)

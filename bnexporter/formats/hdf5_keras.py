@@ -17,15 +17,19 @@ import select
 import signal
 import threading
 import time
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
-import h5py
 import numpy as np
 
 from bnexporter.errors import CheckpointError
 from bnexporter.formats import dtypes
-from bnexporter.formats.base import RangeFile, RawExtent, Reader, TensorInfo
+from bnexporter.formats.base import LazyModule, RangeFile, RawExtent, Reader, TensorInfo
 from bnexporter.formats.spec import Format, Incomplete
+
+if TYPE_CHECKING:
+    import h5py
+else:  # imported when an HDF5 file is opened (the daemon's forkserver preloads it)
+    h5py = LazyModule("h5py", __name__, "h5py")
 
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 

@@ -27,8 +27,10 @@ FORMATS: tuple[Format, ...] = (
     tf_bundle.FORMAT, hdf5_keras.FORMAT, keras_zip.FORMAT, torch_zip.FORMAT, npz.FORMAT,
     torch_legacy.FORMAT, safetensors.FORMAT,
 )
-MODULES = tuple(m.__name__ for m in (tf_bundle, hdf5_keras, keras_zip, torch_zip, npz,
-                                     torch_legacy, safetensors))
+# the readers and the libraries they import on first use (the daemon's forkserver
+# preloads these, so its analysis processes start with them loaded)
+MODULES = (*(m.__name__ for m in (tf_bundle, hdf5_keras, keras_zip, torch_zip, npz,
+                                  torch_legacy, safetensors)), "h5py")
 _HEAD = 1024 + 8
 
 
