@@ -34,7 +34,6 @@ from bnexporter.daemon.files import (
 )
 from bnexporter.daemon.models import Target, targets, template_targets
 from bnexporter.daemon.policy import (
-    RETRYABLE,
     Job,
     Key,
     Observation,
@@ -49,6 +48,7 @@ from bnexporter.daemon.policy import (
 )
 from bnexporter.daemon.state import ModelView, Store, frozen
 from bnexporter.detection.prune import plan as prune_plan
+from bnexporter.errors import RETRYABLE
 from bnexporter.report import CheckpointReport
 
 log = logging.getLogger("bnexporter.planner")

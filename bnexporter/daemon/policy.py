@@ -16,7 +16,6 @@ from bnexporter.daemon.files import Candidate
 if TYPE_CHECKING:
     from bnexporter.scan import ScanOptions
 
-RETRYABLE = frozenset({"truncated", "incomplete", "io"})
 
 
 # -- settle --------------------------------------------------------------------

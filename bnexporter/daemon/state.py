@@ -16,11 +16,10 @@ from typing import Any
 from bnexporter.daemon.config import MetricOptions
 from bnexporter.daemon.history import History
 from bnexporter.detection.prune import PrunePlan
+from bnexporter.errors import REASONS
 from bnexporter.report import CheckpointReport
 
 OUTCOMES = ("success", "error", "retry")
-REASONS = ("truncated", "corrupt", "unsupported", "forbidden", "incomplete", "io",
-           "too_large", "timeout", "internal")
 
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
 
