@@ -32,7 +32,6 @@ import os
 import threading
 from typing import Any
 
-import h5py
 import numpy as np
 
 # (conv, bn, activation, in channels, out channels, share of channels that die)
@@ -330,6 +329,8 @@ def story_weights(step: int, seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
 
 def _write_model(target: Any, config: dict[str, Any],
                  ws: dict[str, dict[str, np.ndarray]]) -> None:
+    import h5py  # here: `bnexporter scan` of other formats never loads it
+
     names = [entry["name"] for entry in config["config"]["layers"]]
     with h5py.File(target, "w") as f:
         f.attrs["keras_version"] = "2.15.0"
