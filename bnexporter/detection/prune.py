@@ -22,6 +22,7 @@ not store: they are not estimated.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -111,20 +112,18 @@ def _layout(framework_keras: bool, shape: Sequence[int]) -> str:
     return "torch"
 
 
-def _feeds_into(feed: Feed | None, bn: str, through_add: bool = False) -> str | None:
-    """'direct' when ``feed`` reads ``bn`` through activations / pools only, 'add' when
-    a residual sum is on the way, else None."""
+def _reads(feed: Feed | None, through_add: bool = False) -> dict[str, str]:
+    """Every BN ``feed`` reads: 'add' when a residual sum is on the way, else 'direct'
+    (one walk per link, instead of one per link and layer)."""
+    out: dict[str, str] = {}
     if feed is None:
-        return None
-    if feed.op == "bn":
-        return ("add" if through_add else "direct") if feed.bn == bn else None
-    found = None
+        return out
+    if feed.op == "bn" and feed.bn is not None:
+        return {feed.bn: "add" if through_add else "direct"}
     for arg in feed.args:
-        hit = _feeds_into(arg, bn, through_add or feed.op == "add")
-        if hit == "add":
-            return "add"
-        found = found or hit
-    return found
+        for bn, how in _reads(arg, through_add or feed.op == "add").items():
+            out[bn] = "add" if how == "add" or out.get(bn) == "add" else how
+    return out
 
 
 class _Model:
@@ -141,6 +140,13 @@ class _Model:
         self.shapes.update({k: tuple(v) for k, v in (shapes or {}).items()})
         self.kernels = {t.name for t in report.tensors if t.role == "kernel"}
         self.kernels |= {link.kernel for link in self.links.values()}
+        # indexes built once: a plan is linear in the model, not layers x tensors
+        self.pos = {n: i for i, n in enumerate(self.order)}
+        self.kernel_pos = sorted(self.pos[k] for k in self.kernels if k in self.pos)
+        self.readers: dict[str, list[tuple[Link, str]]] = {}
+        for link in self.links.values():
+            for bn, how in _reads(link.feed).items():
+                self.readers.setdefault(bn, []).append((link, how))
 
     def kernel(self, name: str | None, link: Link | None = None) -> Kernel | None:
         if name is None or name not in self.shapes:
@@ -156,6 +162,11 @@ class _Model:
             or f"/{layer.name}/" in name
 
     def bn_first(self, layer: LayerReport) -> int | None:
+        if layer.mean_tensor in self.pos:  # a BN's vectors sit together: back to the first
+            i = self.pos[layer.mean_tensor]
+            while i > 0 and self.mine(self.order[i - 1], layer):
+                i -= 1
+            return i
         return next((i for i, n in enumerate(self.order) if self.mine(n, layer)), None)
 
     def producer(self, layer: LayerReport) -> Kernel | None:
@@ -164,16 +175,17 @@ class _Model:
         if layer.producer in self.shapes:
             return self.kernel(layer.producer)
         first = self.bn_first(layer)
-        for name in reversed(self.order[:first] if first is not None else []):
-            if name in self.kernels:
-                k = self.kernel(name)
-                return k if k is not None and k.out_channels == layer.channels else None
-        return None
+        if first is None:
+            return None
+        at = bisect.bisect_left(self.kernel_pos, first)
+        if at == 0:
+            return None
+        k = self.kernel(self.order[self.kernel_pos[at - 1]])
+        return k if k is not None and k.out_channels == layer.channels else None
 
     def next_layers(self, layer: LayerReport) -> tuple[list[Kernel], str, bool]:
         nxt, tied = [], False
-        for link in self.links.values():
-            how = _feeds_into(link.feed, layer.name)
+        for link, how in self.readers.get(layer.name, []):
             tied = tied or how == "add"
             k = self.kernel(link.kernel, link) if how == "direct" else None
             if k is not None:
@@ -181,9 +193,13 @@ class _Model:
         if nxt or tied:
             return nxt, "graph", tied
         first = self.bn_first(layer)
-        after = [] if first is None else [n for n in self.order[first:]
-                                          if not self.mine(n, layer) and n in self.kernels]
-        k = self.kernel(after[0]) if after else None
+        after = None
+        if first is not None:
+            for i in self.kernel_pos[bisect.bisect_left(self.kernel_pos, first):]:
+                if not self.mine(self.order[i], layer):
+                    after = self.order[i]
+                    break
+        k = self.kernel(after) if after else None
         if k is not None and k.in_channels == layer.channels:
             return [k], "order", False
         return [], "none", False
