@@ -97,7 +97,7 @@ def test_error_messages_are_precise(tmp_path):
         "/jobs/{model}/checkpoints"
     assert _error(tmp_path, {"consumers": {"rules": {"*.bn2": "sum"}}, "models": []}) == \
         "config.yaml: consumers.rules['*.bn2']: consumer must be one of relu, relu6, add, " \
-        "linear, other, unknown, got 'sum'"
+        "linear, silu, hardswish, other, unknown, got 'sum'"
     assert _error(tmp_path, {"models": [{"name": "a"}]}) == \
         "config.yaml: models[0]: missing key 'path'"
     assert _error(tmp_path, {"models": []}) == \
