@@ -149,7 +149,9 @@ def list_candidates(folder: str, patterns: Iterable[str], step_regex: str | None
                     if depth < max_depth and not ignored_dir(name):
                         stack.append((entry.path, depth + 1))
                     continue
-                if ignored_file(name) or not any(fnmatch.fnmatchcase(name, p) for p in pats):
+                announced = bool(tf_keep) and name == tf_keep  # ".index": an empty prefix
+                if (ignored_file(name) and not announced) or \
+                        not any(fnmatch.fnmatchcase(name, p) for p in pats):
                     continue
                 if link and not follow_symlinks:
                     why = _link_refused(entry, boundary)

@@ -334,9 +334,9 @@ def newest_prefix(folder: str) -> str | None:
         value = codecs.escape_decode(raw)[0].decode("utf-8", "surrogateescape")
     except (ValueError, UnicodeError):
         return None
-    if not value:
-        return None
     if not os.path.isabs(value):
+        # an empty prefix is TF's own for CheckpointManager(directory, checkpoint_name=""):
+        # files named ".index", ".data-00000-of-00001"
         return os.path.join(folder, value)
     local = os.path.join(folder, os.path.basename(value))
     if not os.path.exists(value + ".index") and os.path.exists(local + ".index"):

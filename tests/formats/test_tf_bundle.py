@@ -486,3 +486,21 @@ def test_object_graph_parses():
 @given(edits, st.integers(0, 200))
 def test_fuzz_mutated_object_graph(changes, cut):
     survives(parse_object_graph, mutate(graph_bytes(), changes, cut), "g")
+
+
+def test_an_empty_prefix_is_followed_through_the_state_file(tmp_path):
+    """CheckpointManager(directory, checkpoint_name=""): files named ``.index`` and
+    ``.data-00000-of-00001``, announced as ``model_checkpoint_path: ""``."""
+    import shutil
+
+    from bnexporter.daemon.files import list_candidates
+    from bnexporter.scan import analyse_path
+
+    src = Path(__file__).resolve().parents[1] / "fixtures" / "tf" / "k3_ckpt"
+    shutil.copy(src / "ckpt-7.index", tmp_path / ".index")
+    shutil.copy(src / "ckpt-7.data-00000-of-00001", tmp_path / ".data-00000-of-00001")
+    (tmp_path / "checkpoint").write_text('model_checkpoint_path: ""\n')
+    cands = list_candidates(str(tmp_path), ["*.index"])
+    assert [os.path.basename(c.path) for c in cands] == [".index"]
+    report = analyse_path(str(tmp_path))
+    assert report.error is None and report.bn_layers
