@@ -92,6 +92,7 @@ def _summary(report: Any) -> dict[str, Any]:
     return {"error": report.error, "format": report.format, "bn_layers": s.bn_layers,
             "channels": s.channels, "dead": s.dead, "near_dead": s.near_dead,
             "nonfinite": s.nonfinite, "tensors": s.tensors,
+            "would_be_dead": s.counts.get("would_be_dead", 0),
             "unknown_consumers": s.unknown_consumers}
 
 
@@ -209,11 +210,35 @@ def _naive_tf(path: str) -> dict[str, Any]:
     return arrays
 
 
+def _naive_npz(path: str) -> dict[str, Any]:
+    import numpy as np
+
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
+
+
+def _naive_keras(path: str) -> dict[str, Any]:
+    """The weights file read out of the archive, then every dataset with h5py."""
+    import io
+
+    import h5py
+
+    with zipfile.ZipFile(path) as zf:
+        data = io.BytesIO(zf.read("model.weights.h5"))
+    arrays = {}
+    with h5py.File(data, "r") as f:
+        def grab(name: str, obj: Any) -> None:
+            if isinstance(obj, h5py.Dataset):
+                arrays[name] = obj[()]
+        f.visititems(grab)
+    return arrays
+
+
 def naive(path: str, fmt: str) -> dict[str, Any]:
     import numpy as np
 
     loader = {"h5": _naive_h5, "safetensors": _naive_safetensors, "pt": _naive_pt,
-              "tf": _naive_tf}[fmt]
+              "tf": _naive_tf, "npz": _naive_npz, "keras": _naive_keras}[fmt]
     t0 = time.perf_counter()
     arrays = loader(path)
     t_load = time.perf_counter() - t0
@@ -268,7 +293,7 @@ def _import_bnexporter(fmt: str) -> None:
 
     importlib.import_module("bnexporter.scan")
     reader = {"h5": "hdf5_keras", "safetensors": "safetensors", "pt": "torch_zip",
-              "tf": "tf_bundle"}[fmt]
+              "tf": "tf_bundle", "npz": "npz", "keras": "keras_zip"}[fmt]
     importlib.import_module(f"bnexporter.formats.{reader}")
 
 

@@ -668,8 +668,44 @@ def files(fmt: str, path: str) -> list[str]:
     return [path, tf_data_path(path)] if fmt == "tf" else [path]
 
 
-WRITERS = {"h5": write_h5, "safetensors": write_safetensors, "pt": write_pt, "tf": write_tf}
-SUFFIX = {"h5": ".h5", "safetensors": ".safetensors", "pt": ".pt", "tf": ".index"}
+# -- npz and .keras ---------------------------------------------------------------
+
+def write_npz(path: str, model: Model, content: Content) -> None:
+    """``np.savez`` of the torch state_dict (stored members ``<name>.npy``), streamed."""
+    import zipfile
+
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for t in _torch_tensors(model):
+            descr = "<i8" if t.kind == "count" else "<f4"
+            with zf.open(t.torch_name + ".npy", "w", force_zip64=True) as fh:
+                np.lib.format.write_array_header_1_0(
+                    fh, {"descr": descr, "fortran_order": False, "shape": t.torch_shape})
+                for chunk in _torch_chunks(content, t):
+                    fh.write(memoryview(np.ascontiguousarray(chunk)).cast("B"))
+
+
+def write_keras(path: str, model: Model, content: Content) -> None:
+    """A ``.keras`` zip: ``config.json`` (the model config), ``metadata.json`` and the
+    weights file stored uncompressed as ``model.weights.h5`` (as Keras saves it). The
+    weights use the Keras 2 layout of :func:`write_h5`, which the reader accepts inside
+    the archive too; the bytes read in a full scan are the same."""
+    import zipfile
+
+    inner = path + ".weights.h5"
+    write_h5(inner, model, content)
+    try:
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+            zf.writestr("metadata.json", json.dumps({"keras_version": "3.6.0"}))
+            zf.writestr("config.json", json.dumps(keras_model_config(model)))
+            zf.write(inner, "model.weights.h5")
+    finally:
+        os.unlink(inner)
+
+
+WRITERS = {"h5": write_h5, "safetensors": write_safetensors, "pt": write_pt, "tf": write_tf,
+           "npz": write_npz, "keras": write_keras}
+SUFFIX = {"h5": ".h5", "safetensors": ".safetensors", "pt": ".pt", "tf": ".index",
+          "npz": ".npz", "keras": ".keras"}
 
 
 def write(fmt: str, path: str, target_bytes: int, seed: int = 0) -> Model:

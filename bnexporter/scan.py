@@ -27,6 +27,7 @@ from bnexporter.detection.links import Link, find_links
 from bnexporter.detection.measured import measure, measure_distilled, sample_for
 from bnexporter.detection.order import model_order
 from bnexporter.detection.refine import (
+    Arena,
     BNParams,
     KernelStats,
     Refined,
@@ -271,9 +272,9 @@ def refine_layers(reader: Reader, layers: list[BNLayer], kernel_max: int = 1 << 
         producers[name] = _LazyProducer(reader, link, bias, scans)
     # one buffer for every kernel of this analysis (no allocation and page faults per
     # kernel), dropped with it
-    buffer = np.empty(largest, np.float32)
+    buffer, arena = np.empty(largest, np.float32), Arena()
     for prod in producers.values():
-        prod.buffer = buffer
+        prod.buffer, prod.arena = buffer, arena
     return refine_network(params, producers)
 
 
@@ -285,12 +286,13 @@ class _LazyProducer:
                  scans: _KernelScans | None = None):
         self.link, self.bias, self._reader, self._scans = link, bias, reader, scans
         self.buffer: np.ndarray | None = None
+        self.arena: Arena | None = None
 
     @property
     def kernel(self) -> KernelStats:
         w = kernel_matrix(_read_kernel(self._reader, self.link.kernel, self.buffer,
                                        self._scans), self.link.layout)
-        return KernelStats.of(w)
+        return KernelStats.of(w, self.arena)
 
 
 def _read_kernel(reader: Reader, name: str, buffer: np.ndarray | None,

@@ -284,43 +284,71 @@ class KernelStats:
     taps: int
 
     @staticmethod
-    def of(w: np.ndarray) -> KernelStats:
+    def of(w: np.ndarray, arena: Arena | None = None) -> KernelStats:
         """Float32 throughout: these feed moment estimates, not exact arithmetic.
 
         No kernel-sized temporaries: the sums run over cache-sized blocks of rows
         (taps contiguous, torch layout) or tap by tap (taps outermost, Keras layout:
-        no transposed copy of the kernel).
+        no transposed copy of the kernel). With an ``arena`` the arrays live in its
+        reused buffers (valid until the next kernel): a fresh process pays a page
+        fault per 4 KiB of every new large array, which was a third of the cost.
         """
+        a = arena if arena is not None else Arena()
         w = np.asarray(w, np.float32)
         out, per_group, taps = w.shape
         if taps == 1:  # 1x1 conv / dense: every sum is the weight itself
-            one = w[:, :, 0].copy(order="K")  # Keras: stays transposed, matmul takes it
-            sq = one * one
-            cube = sq * one
-            return KernelStats(np.maximum(one, 0), np.minimum(one, 0), one, sq, cube, sq, cube, 1)
+            src = w[:, :, 0]
+            one = a.like("one", src)  # Keras: stays transposed, matmul takes it
+            np.copyto(one, src)
+            sq = np.multiply(one, one, out=a.like("sq", one))
+            cube = np.multiply(sq, one, out=a.like("cube", one))
+            return KernelStats(np.maximum(one, 0, out=a.like("pos", one)),
+                               np.minimum(one, 0, out=a.like("neg", one)),
+                               one, sq, cube, sq, cube, 1)
         outer = w.transpose(2, 1, 0)  # (taps, per_group, out)
         if outer.flags.c_contiguous and not w.flags.c_contiguous:
-            sums = _tap_sums_outer(outer).transpose(0, 2, 1)
+            sums = _tap_sums_outer(outer, a).transpose(0, 2, 1)
         else:
-            sums = _tap_sums_rows(np.ascontiguousarray(w).reshape(-1, taps)).reshape(
+            sums = _tap_sums_rows(np.ascontiguousarray(w).reshape(-1, taps), a).reshape(
                 4, out, per_group)
         wsum, wpos, w2, w3 = sums  # views (transposed for Keras): BLAS reads them in place
-        sq = wsum * wsum
-        return KernelStats(wpos, wsum - wpos, wsum, sq, sq * wsum, w2, w3, taps)
+        sq = np.multiply(wsum, wsum, out=a.like("sq", wsum))
+        return KernelStats(wpos, np.subtract(wsum, wpos, out=a.like("neg", wsum)), wsum, sq,
+                           np.multiply(sq, wsum, out=a.like("cube", wsum)), w2, w3, taps)
+
+
+class Arena:
+    """Reused float32 buffers, one per role, grown to the largest request."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, np.ndarray] = {}
+
+    def get(self, key: str, shape: tuple[int, ...]) -> np.ndarray:
+        n = math.prod(shape)
+        buf = self._buffers.get(key)
+        if buf is None or buf.size < n:
+            buf = self._buffers[key] = np.empty(n, np.float32)
+        return buf[:n].reshape(shape)
+
+    def like(self, key: str, a: np.ndarray) -> np.ndarray:
+        """A buffer of ``a``'s shape and memory order (C, or F for a transposed view)."""
+        if a.ndim == 2 and not a.flags.c_contiguous and a.T.flags.c_contiguous:
+            return self.get(key, a.T.shape).T
+        return self.get(key, a.shape)
 
 
 _BLOCK_ELEMENTS = 1 << 16  # 256 KiB of float32 per block: the temporaries stay in L2
 
 
-def _tap_sums_rows(flat: np.ndarray) -> np.ndarray:
+def _tap_sums_rows(flat: np.ndarray, arena: Arena) -> np.ndarray:
     """(sum, sum of positives, sum of squares, sum of cubes) of each row of ``flat``
     (rows x taps, C order), as a (4, rows) float32 array."""
     rows, taps = flat.shape
-    res = np.empty((4, rows), np.float32)
+    res = arena.get("sums", (4, rows))
     block = max(1, _BLOCK_ELEMENTS // taps)
     ones = np.ones(taps, np.float32)
-    buf = np.empty((min(block, rows), taps), np.float32)
-    sq = np.empty_like(buf)
+    buf = arena.get("t", (min(block, rows), taps))
+    sq = arena.get("t2", (min(block, rows), taps))
     for s in range(0, rows, block):
         part = flat[s: s + block]
         n = part.shape[0]
@@ -336,11 +364,12 @@ def _tap_sums_rows(flat: np.ndarray) -> np.ndarray:
     return res
 
 
-def _tap_sums_outer(outer: np.ndarray) -> np.ndarray:
+def _tap_sums_outer(outer: np.ndarray, arena: Arena) -> np.ndarray:
     """The same sums over axis 0 of a C-ordered (taps, a, b) array: (4, a, b)."""
-    res = np.zeros((4, *outer.shape[1:]), np.float32)
-    t = np.empty(outer.shape[1:], np.float32)
-    t2 = np.empty_like(t)
+    res = arena.get("sums", (4, *outer.shape[1:]))
+    res.fill(0.0)
+    t = arena.get("t", outer.shape[1:])
+    t2 = arena.get("t2", outer.shape[1:])
     for tap in outer:
         res[0] += tap
         np.maximum(tap, 0, out=t)

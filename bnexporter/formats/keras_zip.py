@@ -6,13 +6,14 @@ the zip member, and tensor bytes are read straight from the archive.
 
 from __future__ import annotations
 
+import bisect
 import io
 import json
 import os
 import struct
 import zipfile
 import zlib
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from bnexporter.errors import CheckpointError
 from bnexporter.formats import zipmember
@@ -25,6 +26,9 @@ if TYPE_CHECKING:
 
 MAX_CONFIG_BYTES = 64 << 20
 _MAX_RATIO = 100  # a deflated member claiming more than this inflation is refused
+# a deflated model.weights.h5 up to this size is inflated into memory (one pass, CRC
+# checked); a larger one is inflated piece by piece as it is read (_Inflating)
+_INFLATE_MAX = 16 << 20
 
 
 class _Window(io.RawIOBase):
@@ -60,6 +64,97 @@ class _Window(io.RawIOBase):
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+        super().close()
+
+
+class _Inflating(io.RawIOBase):
+    """A read-only, seekable view of a *deflated* member's inflated bytes, for h5py,
+    without inflating the member into memory.
+
+    One decompressor moves forward through the stream; every ``MARK`` bytes of
+    output a copy of its state is kept (the 32 KiB window plus a few KiB, ~40 KiB:
+    ~10 MB per 4 GB of member), so a seek backwards (or far ahead) restarts from the
+    nearest mark and inflates at most ``MARK`` bytes to get there. Sequential reads,
+    such as a dataset's bytes in a full scan, cost one pass. Output never runs past
+    the declared size.
+    """
+
+    MARK = 16 << 20
+    _IN = 256 << 10   # compressed bytes per read
+    _OUT = 1 << 20    # inflated bytes per decompress call (bounds a zero-filled burst)
+
+    def __init__(self, path: str, base: int, csize: int, usize: int):
+        self._fd = open_regular(path)
+        self._base, self._csize, self._size, self._pos = base, csize, usize, 0
+        self._d = zlib.decompressobj(-15)
+        self._out = self._in = 0     # inflated bytes produced / compressed bytes read
+        self._tail = b""             # read but not yet consumed compressed bytes
+        self._marks: list[tuple[int, int, Any]] = [(0, 0, self._d.copy())]
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        ref = {0: 0, 1: self._pos, 2: self._size}[whence]
+        self._pos = max(0, ref + offset)
+        return self._pos
+
+    def _inflate(self, n: int) -> bytes:
+        """Up to ``n`` more inflated bytes from the current state (fewer at the end)."""
+        parts = []
+        while n > 0 and not self._d.eof:
+            if not self._tail:
+                k = min(self._IN, self._csize - self._in)
+                if k <= 0:
+                    break
+                self._tail = os.pread(self._fd, k, self._base + self._in)
+                if not self._tail:
+                    break  # the file shrank: a short read, h5py reports it
+                self._in += len(self._tail)
+            try:
+                chunk = self._d.decompress(self._tail, min(n, self._OUT))
+            except zlib.error as exc:
+                raise OSError(f"bad deflate data in model.weights.h5 ({exc})") from None
+            self._tail = self._d.unconsumed_tail
+            self._out += len(chunk)
+            n -= len(chunk)
+            parts.append(chunk)
+            if self._out >= self._marks[-1][0] + self.MARK:
+                self._marks.append((self._out, self._in - len(self._tail), self._d.copy()))
+        return b"".join(parts)
+
+    def _goto(self, pos: int) -> None:
+        if pos < self._out or pos - self._out > self.MARK:
+            i = bisect.bisect_right([m[0] for m in self._marks], pos) - 1
+            out, inp, state = self._marks[i]
+            if not out <= self._out <= pos:
+                self._d, self._out, self._in, self._tail = state.copy(), out, inp, b""
+        while self._out < pos:
+            if not self._inflate(min(pos - self._out, self._OUT)):
+                break
+
+    def readinto(self, buf: WriteableBuffer) -> int:
+        view = memoryview(buf).cast("B")
+        n = max(0, min(len(view), self._size - self._pos))
+        if not n:
+            return 0
+        self._goto(self._pos)
+        data = self._inflate(n) if self._out == self._pos else b""
+        view[: len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        self._marks = []
         super().close()
 
 
@@ -132,13 +227,13 @@ class KerasZipReader(KerasH5Reader):
             if stored:
                 base = _data_offset(path, member)
                 fileobj: io.IOBase = _Window(path, base, member.file_size)
-            elif member.file_size <= (256 << 20):
+            elif member.file_size <= _INFLATE_MAX or member.compress_type != zipfile.ZIP_DEFLATED:
                 base = 0
                 fileobj = io.BytesIO(_inflate(path, zf, member))
-            else:
-                raise CheckpointError(path, "model.weights.h5 is compressed and over 256 MB: "
-                                      "unsupported (Keras itself stores it uncompressed)",
-                                      "unsupported")
+            else:  # inflated as h5py reads it, never whole (memory stays bounded)
+                base = 0
+                fileobj = _Inflating(path, _data_offset(path, member), member.compress_size,
+                                     member.file_size)
         try:
             super().__init__(path, fileobj=fileobj, base_offset=base,
                              member_size=member.file_size, direct_io=stored)
