@@ -59,6 +59,7 @@ class ScanOptions:
     census: str | None = None      # a sample of model inputs (else bnexporter-census.npy beside)
     census_seconds: float = 60.0   # time budget of one census
     distill: bool = False          # without a sample: census over distilled inputs (opt-in)
+    census_enabled: bool = True    # False: no census this time (the daemon's census.every)
 
 
 def analyse_path(path: str, opts: ScanOptions | None = None,
@@ -102,11 +103,11 @@ def _analyse(reader: Reader, opts: ScanOptions, progress: Progress | None) -> Ch
         if th.refine else {}
     layer_reports = [_analyse_layer(reader, layer, th, refined.get(layer.name))
                      for layer in layers]
-    sample = sample_for(reader.path, opts.census)
+    sample = sample_for(reader.path, opts.census) if opts.census_enabled else None
     if sample is not None and layer_reports:
         layer_reports = measure(reader, layer_reports, sample, th, opts.census_seconds,
                                 reader.meta.notes)
-    elif opts.distill and layer_reports:
+    elif opts.distill and opts.census_enabled and layer_reports:
         layer_reports = measure_distilled(reader, layer_reports, th, opts.census_seconds,
                                           reader.meta.notes)
     bn_tensors = {t for layer in layers

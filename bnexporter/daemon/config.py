@@ -54,6 +54,17 @@ class MetricOptions:
 
 
 @dataclass(frozen=True)
+class CensusOptions:
+    """The activity census (docs/census in README): off unless a sample is given or
+    dropped beside the checkpoints (bnexporter-census.npy), or distill is on."""
+
+    sample: str | None = None   # a .npy / .npz of model inputs; None: look beside
+    every: int = 1              # run it on every N-th analysed checkpoint of the model
+    seconds: float = 60.0       # time budget of one census, inside the analysis timeout
+    distill: bool = False       # no sample: census over inputs distilled from BN statistics
+
+
+@dataclass(frozen=True)
 class Analysis:
     """Settings that can be set globally and overridden per model."""
 
@@ -67,11 +78,14 @@ class Analysis:
     metrics: MetricOptions = field(default_factory=MetricOptions)
     backfill: bool = False
     follow_symlinks: bool = False  # False: only links to files inside the model folder
+    census: CensusOptions = field(default_factory=CensusOptions)
 
     def scan_options(self) -> ScanOptions:
         rules = ConsumerRules(rules=list(self.consumer_rules), presets=list(self.presets))
         return ScanOptions(thresholds=self.thresholds, consumers=rules, bn_only=self.bn_only,
-                           step_regex=self.step_regex, eps=self.eps)
+                           step_regex=self.step_regex, eps=self.eps,
+                           census=self.census.sample, census_seconds=self.census.seconds,
+                           distill=self.census.distill)
 
 
 @dataclass(frozen=True)

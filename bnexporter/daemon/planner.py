@@ -466,7 +466,10 @@ class Planner:
             if (cand.path, cand.sig) in busy:
                 return  # already running or waiting: nothing newer is ready
             if self._ready_to_analyse(m, cand):
-                job = Job(m.name, m.generation, cand, a.scan_options())
+                opts = a.scan_options()
+                if len(m.succeeded) % a.census.every:  # the census on every N-th only
+                    opts = replace(opts, census_enabled=False)
+                job = Job(m.name, m.generation, cand, opts)
                 with self._ready_cv:
                     if m.slot.offer(job):
                         self._ready.append((m.name, m))

@@ -23,6 +23,7 @@ from bnexporter.daemon.config import (
     PLACEHOLDER,
     WATCH_MODES,
     Analysis,
+    CensusOptions,
     Config,
     ConfigError,
     MetricOptions,
@@ -36,9 +37,10 @@ from bnexporter.topology.keras_graph import CONSUMERS
 
 THRESHOLD_KEYS = tuple(f.name for f in fields(Thresholds))
 METRIC_KEYS = tuple(f.name for f in fields(MetricOptions))
+CENSUS_KEYS = tuple(f.name for f in fields(CensusOptions))
 RETRY_KEYS = tuple(f.name for f in fields(Retry))
 ANALYSIS_KEYS = ("patterns", "bn_only", "step_regex", "eps", "thresholds", "consumers",
-                 "metrics", "backfill", "follow_symlinks")
+                 "metrics", "backfill", "follow_symlinks", "census")
 TOP_KEYS = ("listen", "telemetry_path", "log_level", "log_format", "watch", "poll_interval",
             "rescan_interval", "settle_seconds", "workers", "analysis_timeout", "stall_timeout",
             "isolation", "web_config_file", "retry", "shard", *ANALYSIS_KEYS, "models")
@@ -226,6 +228,22 @@ def _metrics(ctx: _Ctx, raw: Any, loc: str, base: MetricOptions) -> MetricOption
     return replace(base, **out)
 
 
+def _census(ctx: _Ctx, raw: Any, loc: str, base: CensusOptions) -> CensusOptions:
+    values = _mapping(ctx, raw, loc, CENSUS_KEYS)
+    out = base
+    for key, value in values.items():
+        where = _join(loc, key)
+        if key == "sample":
+            out = replace(out, sample=None if value is None else _file(ctx, value, where))
+        elif key == "every":
+            out = replace(out, every=_integer(ctx, value, where, 1))
+        elif key == "seconds":
+            out = replace(out, seconds=_number(ctx, value, where))
+        else:
+            out = replace(out, distill=_boolean(ctx, value, where))
+    return out
+
+
 def _analysis(ctx: _Ctx, values: dict[str, Any], loc: str, base: Analysis) -> Analysis:
     a = base
     for key in ANALYSIS_KEYS:
@@ -251,6 +269,8 @@ def _analysis(ctx: _Ctx, values: dict[str, Any], loc: str, base: Analysis) -> An
             a = replace(a, consumer_rules=rules, presets=presets)
         elif key == "metrics":
             a = replace(a, metrics=_metrics(ctx, value, where, a.metrics))
+        elif key == "census":
+            a = replace(a, census=_census(ctx, value, where, a.census))
     return a
 
 

@@ -68,7 +68,7 @@ def installed() -> Iterator[Path]:
         r = subprocess.run(["sh", str(DEPLOY / "install.sh"), str(src), str(base / "venv")],
                            env=env, capture_output=True, text=True, timeout=900, check=False)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-        assert re.search(r"bnexporter \d", r.stdout), r.stdout[-500:]
+        assert re.search(r"bnexporter, version \d", r.stdout), r.stdout[-500:]
         yield base
     finally:
         shutil.rmtree(base, ignore_errors=True)

@@ -102,6 +102,11 @@ def model_families(models: list[ModelView]) -> list[Metric]:
                                    "Near-dead channels / channels of ReLU-fed BNs (0..1).", m)
     mf["consumer_coverage"] = _gauge("model_consumer_coverage_ratio", "Share of BN layers "
                                      "whose consumer is known or inferred (0..1).", m)
+    mf["census_layers"] = _gauge("model_census_layers", "BN layers whose dead / near-dead "
+                                 "verdict a census (sample or distilled inputs) decided.", m)
+    mf["estimate_disagreement"] = _gauge(
+        "model_estimate_disagreement_channels", "Channels where the weights-only estimate and "
+        "the census disagree about dead (a running check of the estimate).", m)
     collapsed = _gauge("model_collapsed_layers", "BN layers whose every channel has a "
                        "collapsed gamma or is dead.", m)
     nonfinite = _gauge("model_nonfinite_values", "NaN/Inf values over all scanned tensors.", m)
@@ -166,6 +171,8 @@ def model_families(models: list[ModelView]) -> list[Metric]:
         mf["dead_ratio"].add_metric([name], s.dead_ratio)
         mf["near_dead_ratio"].add_metric([name], s.near_dead_ratio)
         mf["consumer_coverage"].add_metric([name], s.consumer_coverage)
+        mf["census_layers"].add_metric([name], float(s.census_layers))
+        mf["estimate_disagreement"].add_metric([name], float(s.estimate_disagreement))
         collapsed.add_metric([name], float(collapsed_layers(r)))
         nonfinite.add_metric([name], float(s.nonfinite))
         extreme.add_metric([name], float(s.extreme_tensors))
