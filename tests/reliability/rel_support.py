@@ -25,9 +25,6 @@ def base_config(**extra: Any) -> dict[str, Any]:
         "rescan_interval": 5, "settle_seconds": 0.3, "analysis_timeout": 60,
         "retry": {"initial_delay": 0.2, "max_delay": 0.5, "give_up_after": 3,
                   "max_attempts": 20},
-        # the synthetic BNs of bn_tensors() have no graph: say they feed ReLUs, so their
-        # dead channels are counted (an unknown consumer is never counted dead)
-        "consumers": {"rules": {"*": "relu"}},
     }
     cfg.update(extra)
     return cfg
@@ -105,6 +102,11 @@ def safetensors_bytes(tensors: dict[str, np.ndarray]) -> bytes:
     text = json.dumps(header).encode()
     text += b" " * (-len(text) % 8)
     return struct.pack("<Q", len(text)) + text + b"".join(blobs)
+
+
+# the synthetic BNs of bn_tensors() have no graph: a test that counts their dead channels
+# says they feed ReLUs (an unknown consumer is never counted dead)
+RELU_RULE = {"consumers": {"rules": {"*": "relu"}}}
 
 
 def bn_tensors(layers: list[str], channels: int = 8, dead: int = 2, seed: int = 0,

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from rel_support import base_config, bn_tensors, safetensors_bytes
+from rel_support import RELU_RULE, base_config, bn_tensors, safetensors_bytes
 
 from bnexporter.daemon.web.collector import has_finding
 from bnexporter.scan import analyse_path
@@ -135,7 +135,7 @@ def test_truncated_and_rewritten_mid_read_in_process(tmp_path: Path):
     path = folder / "model.safetensors"
     layers = [f"layer{i}.bn" for i in range(3000)]
     cfg = base_config(workers=1, isolation="thread", settle_seconds=0.2,
-                      models=[{"name": "big", "path": str(folder)}])
+                      models=[{"name": "big", "path": str(folder)}], **RELU_RULE)
     d = DaemonProcess(tmp_path, cfg).start()
     rng = random.Random(7)
     try:

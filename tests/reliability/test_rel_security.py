@@ -17,7 +17,7 @@ import bcrypt
 import pytest
 import yaml
 from certs import make_pki
-from rel_support import base_config, bn_tensors, safetensors_bytes, tls_client
+from rel_support import RELU_RULE, base_config, bn_tensors, safetensors_bytes, tls_client
 
 from bnexporter.daemon.demo import write_checkpoint
 from tests.support.daemon import DaemonProcess
@@ -204,7 +204,7 @@ def test_names_are_escaped_on_the_page_in_metrics_and_in_logs(tmp_path: Path):
         (base / name).mkdir()
         data = safetensors_bytes(bn_tensors([EVIL_LAYER, "ok.bn"], 8, dead=3))
         (base / name / "ckpt-100.safetensors").write_bytes(data)
-    cfg = base_config(models=[{"path": str(base / "{model}")}])
+    cfg = base_config(models=[{"path": str(base / "{model}")}], **RELU_RULE)
     d = DaemonProcess(tmp_path, cfg).start()
     try:
         s = d.wait_for(lambda s: _step(s, EVIL_FOLDER) == 100
