@@ -47,9 +47,6 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "watcher_overflows": (
         "counter", "inotify event queue overflows (events lost); each starts an immediate "
         "rescan of the root.", ("root",)),
-    "model_layers_capped": (
-        "gauge", "Per-layer series left out for the model because of the per-model cap "
-        "(metrics.max_layers, or the built-in cap); 0 or absent: all exported.", ("model",)),
 }
 
 

@@ -174,3 +174,18 @@ def test_http_routes_health_and_reload(report):
     assert _call(app, "/-/test/crash-watcher", "POST")[0].startswith("404")  # no test hooks
     status, body = _call(app, "/metrics")
     assert status == "200 OK" and b'bnexporter_watcher_up{root="/ckpt"} 0.0' in body
+
+
+def test_a_huge_model_is_capped_and_says_so(report):
+    from bnexporter.daemon.web.collector import BUILTIN_MAX_LAYERS
+
+    n = BUILTIN_MAX_LAYERS + 500
+    layers = [_layer(f"l{i}.bn", i % 3) for i in range(n)]
+    big = replace(report, bn_layers=layers)
+    s = _scrape(_store(ModelView("big", "/x", MetricOptions(layers="all"), report=big)))
+    exported = [k for k in s.samples if k[0] == "bnexporter_layer_channels"]
+    assert len(exported) == BUILTIN_MAX_LAYERS
+    assert s.get("bnexporter_model_layers_capped", model="big") == 500
+    s = _scrape(_store(ModelView("big", "/x", MetricOptions(layers="all", max_layers=10),
+                                 report=big)))
+    assert s.get("bnexporter_model_layers_capped", model="big") == n - 10

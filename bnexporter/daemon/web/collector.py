@@ -39,11 +39,22 @@ def _regex(pattern: str) -> re.Pattern[str]:
     return re.compile(pattern)
 
 
+# Per-model cap on exported BN layers when metrics.max_layers is 0: ~11 series a layer,
+# so a 20,000-layer model stays at ~22,000 series (and a few MB of exposition), not 220,000
+BUILTIN_MAX_LAYERS = 2000
+
+
 def select_layers(report: CheckpointReport, opts: MetricOptions) -> list[LayerReport]:
-    """Layers to export per ``metrics:`` options: filter, then keep the K worst."""
+    return select_layers_capped(report, opts)[0]
+
+
+def select_layers_capped(report: CheckpointReport, opts: MetricOptions
+                         ) -> tuple[list[LayerReport], int]:
+    """Layers to export per ``metrics:`` options (filter, then keep the K worst), and how
+    many the cap left out."""
     detail = opts.detail
     if detail == "none":
-        return []
+        return [], 0
     layers = list(report.bn_layers)
     if detail == "findings":
         layers = [x for x in layers if has_finding(x)]
@@ -53,13 +64,14 @@ def select_layers(report: CheckpointReport, opts: MetricOptions) -> list[LayerRe
     if opts.layer_exclude:
         exc = _regex(opts.layer_exclude)
         layers = [x for x in layers if not exc.search(x.name)]
-    if opts.max_layers and len(layers) > opts.max_layers:
+    cap = opts.max_layers or BUILTIN_MAX_LAYERS
+    if len(layers) > cap:
         ranked = sorted(range(len(layers)), key=lambda i: (
             -len(layers[i].dead), -len(layers[i].near_dead), -len(layers[i].collapsed_gamma),
             layers[i].name))
-        keep = sorted(ranked[: opts.max_layers])
-        layers = [layers[i] for i in keep]
-    return layers
+        keep = sorted(ranked[:cap])
+        return [layers[i] for i in keep], len(layers) - cap
+    return layers, 0
 
 
 def has_finding(layer: LayerReport) -> bool:
@@ -102,6 +114,9 @@ def model_families(models: list[ModelView]) -> list[Metric]:
                                    "Near-dead channels / channels of ReLU-fed BNs (0..1).", m)
     mf["consumer_coverage"] = _gauge("model_consumer_coverage_ratio", "Share of BN layers "
                                      "whose consumer is known or inferred (0..1).", m)
+    mf["layers_capped"] = _gauge("model_layers_capped", "BN layers whose per-layer series "
+                                 "the per-model cap left out (metrics.max_layers, else "
+                                 f"{BUILTIN_MAX_LAYERS}); 0: all selected layers exported.", m)
     mf["census_layers"] = _gauge("model_census_layers", "BN layers whose dead / near-dead "
                                  "verdict a census (sample or distilled inputs) decided.", m)
     mf["estimate_disagreement"] = _gauge(
@@ -155,7 +170,9 @@ def model_families(models: list[ModelView]) -> list[Metric]:
         if r is None:
             continue
         s = r.summary
-        for layer in select_layers(r, view.metrics):
+        selected, capped = select_layers_capped(r, view.metrics)
+        mf["layers_capped"].add_metric([name], float(capped))
+        for layer in selected:
             key = [name, layer.name]
             lf["channels"].add_metric(key, float(layer.channels))
             for suffix, attr, _ in _LAYER_COUNTS:
