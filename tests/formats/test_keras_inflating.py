@@ -31,6 +31,8 @@ def streamed(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(keras_zip._Inflating, "MARK", 4096)
     monkeypatch.setattr(keras_zip._Inflating, "_OUT", 1000)
     monkeypatch.setattr(keras_zip._Inflating, "_IN", 777)
+    monkeypatch.setattr(keras_zip._Inflating, "PAGE", 512)
+    monkeypatch.setattr(keras_zip._Inflating, "PAGES", 8)
 
 
 @pytest.mark.parametrize("name", ["k3_small.keras", "k3_nested.keras", "k3_small_bf16.keras"])
