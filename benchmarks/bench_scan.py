@@ -1,14 +1,16 @@
 """Benchmark bnexporter's checkpoint analysis against a naive loader and a raw read.
 
-    python benchmarks/bench_scan.py [--sizes 1,4] [--formats h5,safetensors,pt,tf] [--out DIR]
+    python benchmarks/bench_scan.py [--sizes 1,4] [--formats h5,safetensors,pt,tf,npz,keras]
+                                    [--out DIR]
                                     [--keep] [--probes raw,bn,bnplain,full,naive,torch]
 
 Writes synthetic ResNet-152-like checkpoints (see synth.py) of each size, then
 for each file runs every probe in its own fresh process (probes.py) with the
-file in the page cache, and prints a table with the targets of issues 2 and 3.
+file in the page cache, and prints a table with the targets of issues 2, 3 and 16.
 Needs only bnexporter's runtime dependencies; ``safetensors`` (optional) is
 used to cross-check the written safetensors file, and torch (optional, any
-interpreter given by --torch-python) for the ``torch.load(mmap=True)`` peer.
+interpreter given by --torch-python) for the ``torch.load(mmap=True)`` peer. Whole-process
+timings against the peers: bench_whole.py; the BN-only stage breakdown: startup.py.
 """
 
 from __future__ import annotations
@@ -52,7 +54,8 @@ TORCH_CANDIDATES = ("/work/venv-fw/bin/python", "/work/venv-torch/bin/python")
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="1,4", help="file sizes in GB (1e9 bytes), comma list")
-    ap.add_argument("--formats", default="h5,safetensors,pt", help="any of h5,safetensors,pt,tf")
+    ap.add_argument("--formats", default="h5,safetensors,pt",
+                    help="any of h5,safetensors,pt,tf,npz,keras")
     ap.add_argument("--probes", default="raw,mmap,bn,bnplain,full,naive,torch")
     ap.add_argument("--out", help="directory for the big files (default: a new temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the files (reused next run)")
