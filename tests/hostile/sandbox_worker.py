@@ -46,7 +46,10 @@ def main() -> None:
     os.dup2(2, 1)
     sys.stdout = sys.stderr
 
-    # import every reader (and h5py, whose import runs `uname -p`) before the hook is armed
+    # import every reader, and h5py (imported on first use by the reader; its import runs
+    # `uname -p`), before the hook is armed
+    import h5py  # noqa: F401
+
     from bnexporter.formats import (  # noqa: F401
         hdf5_keras,
         keras_zip,
