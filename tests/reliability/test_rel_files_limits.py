@@ -13,7 +13,7 @@ from pathlib import Path
 
 import h5py
 import pytest
-from rel_support import base_config, bn_tensors, descendants, safetensors_bytes
+from rel_support import RELU_RULE, base_config, bn_tensors, descendants, safetensors_bytes
 
 from bnexporter.daemon.demo import write_checkpoint
 from tests.support.daemon import DaemonProcess
@@ -22,7 +22,8 @@ pytestmark = pytest.mark.slow
 
 
 def _cfg(folder: Path, **extra) -> dict:
-    return base_config(log_level="info", models=[{"name": "m", "path": str(folder)}], **extra)
+    return base_config(log_level="info", models=[{"name": "m", "path": str(folder)}],
+                       **RELU_RULE, **extra)
 
 
 def _in_place_h5(src: Path, dst: Path, pause: float) -> None:
