@@ -229,12 +229,12 @@ class BitKernel:
         Returns the smallest non-zero magnitude when it lies below L (else None).
 
         Nested cut-offs, each one compare + count pass in cache, skipped once a count
-        is 0; only the values below L (a few per piece in healthy weights) are
-        compacted, and zero / deep / subnormal / min come from them.
+        is 0. A piece without zeros takes min / deep / subnormal from the piece itself;
+        otherwise only the values below L are compacted, and zero / deep / subnormal /
+        min come from them.
         """
         sp = self.sp
-        k10 = k1 = zeros = deep = sub = 0
-        lowest: int | None = None
+        k10 = k1 = 0
         if self.bands:
             k100 = int(np.count_nonzero(np.less(m, sp.top, out=bl)))
             if k100:
@@ -243,25 +243,7 @@ class BitKernel:
                     k1 = int(np.count_nonzero(np.less(m, sp.tiny, out=bl)))
         else:
             k1 = k10 = k100 = int(np.count_nonzero(np.less(m, sp.tiny, out=bl)))
-        if k1 and 8 * k1 > n:  # dense near zero (zero-filled tensors): direct passes
-            zeros = n - int(np.count_nonzero(m))
-            if sp.deep:
-                deep = int(np.count_nonzero(np.less(m, sp.deep, out=bl))) - zeros
-            sub = int(np.count_nonzero(np.less(m, sp.small, out=bl))) - zeros
-            if k1 > zeros:
-                np.less(m, sp.tiny, out=bl)
-                sel = m[bl]
-                lowest = int(sel[sel > 0].min())
-        elif k1:
-            sel = m[bl]
-            zeros = k1 - int(np.count_nonzero(sel))
-            if k1 > zeros:
-                nz = sel[sel > 0] if zeros else sel
-                lowest = int(nz.min())
-                if sp.deep and lowest < sp.deep:
-                    deep = int(np.count_nonzero(nz < sp.deep))
-                if lowest < sp.small:
-                    sub = int(np.count_nonzero(nz < sp.small))
+        zeros, deep, sub, lowest = self._below(m, bl, n, k1) if k1 else (0, 0, 0, None)
         zeros -= bad  # the NaN / Inf values were zeroed: not zeros, not below any cut
         k1 -= bad
         k10 -= bad if k10 else 0
@@ -281,6 +263,44 @@ class BitKernel:
         else:
             self._note_min(int(m.min()))
         return lowest
+
+    def _below(self, m: np.ndarray, bl: np.ndarray, n: int, k1: int
+               ) -> tuple[int, int, int, int | None]:
+        """(zeros, deep, subnormal, smallest non-zero magnitude or None) of a piece with
+        ``k1`` > 0 values below L; ``bl`` holds ``m < L``."""
+        sp = self.sp
+        zeros = deep = sub = 0
+        lowest: int | None = None
+        if 8 * k1 > n:  # dense near zero (zero-filled tensors): direct passes
+            zeros = n - int(np.count_nonzero(m))
+            if sp.deep:
+                deep = int(np.count_nonzero(np.less(m, sp.deep, out=bl))) - zeros
+            sub = int(np.count_nonzero(np.less(m, sp.small, out=bl))) - zeros
+            if k1 > zeros:
+                np.less(m, sp.tiny, out=bl)
+                sel = m[bl]
+                lowest = int(sel[sel > 0].min())
+        elif not (zeros := n - int(np.count_nonzero(m))):
+            # no zeros (healthy weights: a few values below L in most pieces): the
+            # smallest magnitude is the piece's minimum, and deep / subnormal need a
+            # pass only when it lies below them; a uint32 count and a min cost ~0.15
+            # ns/element against ~0.5 for compacting the values below L
+            lowest = int(m.min())
+            if sp.deep and lowest < sp.deep:
+                deep = int(np.count_nonzero(np.less(m, sp.deep, out=bl)))
+            if lowest < sp.small:
+                sub = int(np.count_nonzero(np.less(m, sp.small, out=bl)))
+        else:  # bl still holds m < L
+            sel = m[bl]
+            zeros = k1 - int(np.count_nonzero(sel))
+            if k1 > zeros:
+                nz = sel[sel > 0] if zeros else sel
+                lowest = int(nz.min())
+                if sp.deep and lowest < sp.deep:
+                    deep = int(np.count_nonzero(nz < sp.deep))
+                if lowest < sp.small:
+                    sub = int(np.count_nonzero(nz < sp.small))
+        return zeros, deep, sub, lowest
 
     def _note_min(self, b: int) -> None:
         if self.min_bits is None or b < self.min_bits:
