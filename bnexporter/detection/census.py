@@ -280,9 +280,11 @@ class _Pool:
         self.include_pad = bool(a.get("count_include_pad", layout == "nchw"))
         self.rank = int(a.get("rank", 2))
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        x, squeezed = _as4d(x)
-        n, h, w, c = x.shape
+    def geometry(self, h: int, w: int, squeezed: bool) -> tuple[
+            tuple[int, int], tuple[int, int], tuple[int, int], list[int],
+            tuple[int, int, int, int]]:
+        """Window, stride, dilation, padding and the padding ceil_mode adds (shared with
+        the distillation's backward pass)."""
         a = self.attrs
         k = _tuple2(a.get("pool", 2), 2, squeezed)
         s = k if a.get("stride") is None else _tuple2(a.get("stride"), 1, squeezed)
@@ -298,7 +300,12 @@ class _Pool:
                     out -= 1
                 extra[ax] = max(0, (out - 1) * s[ax] + (k[ax] - 1) * d[ax] + 1
                                 - (size + lo + hi))
-        full = (pads[0], pads[1] + extra[0], pads[2], pads[3] + extra[1])
+        return k, s, d, pads, (pads[0], pads[1] + extra[0], pads[2], pads[3] + extra[1])
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        x, squeezed = _as4d(x)
+        n, h, w, c = x.shape
+        k, s, d, pads, full = self.geometry(h, w, squeezed)
         fill = -np.inf if self.max else 0.0
         xp = _pad_hw(x, full, "zeros", fill)
         ho = _out_size(xp.shape[1], k[0], s[0], d[0])

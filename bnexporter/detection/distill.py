@@ -64,7 +64,6 @@ from bnexporter.detection.census import (
     _resolve_pads,
     _sigmoid,
     _taps,
-    _tuple2,
     _Unsupported,
     run_census,
 )
@@ -429,22 +428,7 @@ class _PoolOp:
         p = self.pool
         squeezed = len(shape) == 3
         n, h, w, c = (shape[0], 1, shape[1], shape[2]) if squeezed else shape
-        a = p.attrs
-        k = _tuple2(a.get("pool", 2), 2, squeezed)
-        s = k if a.get("stride") is None else _tuple2(a.get("stride"), 1, squeezed)
-        d = _tuple2(a.get("dilation"), 1, squeezed)
-        pads = list(_resolve_pads(p.padding, (h, w), k, s, d, 1 if squeezed else p.rank))
-        extra = [0, 0]
-        if p.ceil:
-            for ax, size in ((0, h), (1, w)):
-                lo, hi = pads[2 * ax], pads[2 * ax + 1]
-                span = size + lo + hi - (k[ax] - 1) * d[ax] - 1
-                out = -(-span // s[ax]) + 1
-                if (out - 1) * s[ax] >= size + lo:
-                    out -= 1
-                extra[ax] = max(0, (out - 1) * s[ax] + (k[ax] - 1) * d[ax] + 1
-                                - (size + lo + hi))
-        full = (pads[0], pads[1] + extra[0], pads[2], pads[3] + extra[1])
+        k, s, d, pads, full = p.geometry(h, w, squeezed)
         hp, wp = h + full[0] + full[1], w + full[2] + full[3]
         ho, wo = _out_size(hp, k[0], s[0], d[0]), _out_size(wp, k[1], s[1], d[1])
         return squeezed, (n, h, w, c), k, s, d, pads, full, (hp, wp), (ho, wo)

@@ -32,12 +32,11 @@ _MAX_RATIO = 100  # a deflated member claiming more than this inflation is refus
 _INFLATE_MAX = 64 << 20
 
 
-class _Window(io.RawIOBase):
-    """A read-only, seekable view of ``[base, base+size)`` of a file, for h5py."""
+class _Seekable(io.RawIOBase):
+    """Read-only and seekable over ``_size`` bytes; subclasses provide ``readinto``."""
 
-    def __init__(self, path: str, base: int, size: int):
-        self._fd = open_regular(path)
-        self._base, self._size, self._pos = base, size, 0
+    _pos = 0
+    _size = 0
 
     def readable(self) -> bool:
         return True
@@ -52,6 +51,14 @@ class _Window(io.RawIOBase):
         ref = {0: 0, 1: self._pos, 2: self._size}[whence]
         self._pos = max(0, ref + offset)
         return self._pos
+
+
+class _Window(_Seekable):
+    """A read-only, seekable view of ``[base, base+size)`` of a file, for h5py."""
+
+    def __init__(self, path: str, base: int, size: int):
+        self._fd = open_regular(path)
+        self._base, self._size, self._pos = base, size, 0
 
     def readinto(self, buf: WriteableBuffer) -> int:
         view = memoryview(buf)
@@ -68,7 +75,7 @@ class _Window(io.RawIOBase):
         super().close()
 
 
-class _Inflating(io.RawIOBase):
+class _Inflating(_Seekable):
     """A read-only, seekable view of a *deflated* member's inflated bytes, for h5py,
     without inflating the member into memory.
 
@@ -98,20 +105,6 @@ class _Inflating(io.RawIOBase):
         self._tail = b""             # read but not yet consumed compressed bytes
         self._marks: list[tuple[int, int, Any]] = [(0, 0, self._d.copy())]
         self._pages: OrderedDict[int, bytes] = OrderedDict()
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        ref = {0: 0, 1: self._pos, 2: self._size}[whence]
-        self._pos = max(0, ref + offset)
-        return self._pos
 
     def _inflate(self, n: int) -> bytes:
         """Up to ``n`` more inflated bytes from the current state (fewer at the end)."""
