@@ -178,7 +178,8 @@ def test_tf_bundle_is_analysed_as_one_unit_when_announced(env):
     def index(n: int) -> str:
         return str(folder / f"ckpt-{n}.index")
 
-    s = d.wait_for(lambda s: _info_path(d, "tfrun") == index(1), "ckpt-1 analysed")
+    d.wait_for(lambda s: _info_path(d, "tfrun") == index(1), "ckpt-1 analysed")
+    s = d.scrape()  # the predicate read /api/v1/models after the scrape it was given
     _expect_matches_scan(s, "tfrun", folder / "ckpt-1.index")
     assert _step(s, "tfrun") == analyse_path(index(1)).step  # the step the file records
     # ckpt-2 written but not announced yet: still ckpt-1
@@ -199,7 +200,8 @@ def test_tf_bundle_is_analysed_as_one_unit_when_announced(env):
     assert _info_path(d, "tfrun") == index(2)
     assert s.get("bnexporter_model_up", model="tfrun") == 1
     shutil.copy(shards[-1], folder / shards[-1].name)
-    s = d.wait_for(lambda s: _info_path(d, "tfrun") == index(3), "sharded ckpt-3 once complete")
+    d.wait_for(lambda s: _info_path(d, "tfrun") == index(3), "sharded ckpt-3 once complete")
+    s = d.scrape()
     _expect_matches_scan(s, "tfrun", folder / "ckpt-3.index")
 
 
