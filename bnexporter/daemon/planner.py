@@ -584,9 +584,10 @@ class Planner:
             report = replace(report, tensors=[t for t in report.tensors  # but the page's few
                                               if t.anomaly or t.nonfinite][:100])
         s = report.summary
-        log.info("model %s: analysed %s (step %s): %d BN layers, %d/%d dead, %d near-dead, "
-                 "%.2f s", m.name, job.cand.path, report.step if report.step is not None else "?",
-                 s.bn_layers, s.dead, s.channels, s.near_dead, report.duration_seconds)
+        log.info("model %s: analysed %s (step %s): %d BN layers, %d/%d ReLU-fed channels dead, "
+                 "%d near-dead, %.2f s", m.name, job.cand.path,
+                 report.step if report.step is not None else "?", s.bn_layers, s.dead,
+                 s.relu_channels, s.near_dead, report.duration_seconds)
         history = m.view.history.add(report, self.wall())  # since when, newly dead
         if m.given_up is not None and is_newer(Key.of(m.given_up), Key.of(job.cand)):
             self._set_view(m, report=report, analysed_at=self.wall(), history=history,
