@@ -683,16 +683,8 @@ def run_census(graph: Graph, fetch: Callable[[str], np.ndarray], sample: np.ndar
     by = graph.by_name()
     cons = graph.consumers()
     bns = [n.name for n in graph.nodes if n.op == "bn"]
-    # only what some BN depends on is run (the classifier head is not)
-    needed: set[str] = set()
-    todo = list(bns)
-    while todo:
-        name = todo.pop()
-        if name in needed or name not in by:
-            continue
-        needed.add(name)
-        todo.extend(by[name].inputs)
-    order = [n for n in graph.nodes if n.name in needed]
+    order = graph.needed_by(bns)  # only what some BN depends on is run
+    needed = {n.name for n in order}
     skipped: dict[str, str] = {}
     root: dict[str, str] = {}  # skipped node -> the node whose failure caused it
 

@@ -592,17 +592,10 @@ class Program:
         if layers is not None:
             wanted = set(layers)
             bns = [b for b in bns if b in wanted]
-        needed: set[str] = set()
-        todo = list(bns)
-        while todo:
-            name = todo.pop()
-            if name in needed or name not in by:
-                continue
-            needed.add(name)
-            # a BN's output is only needed when a later BN reads it: its own loss is on
-            # its input, which is what the traversal from its inputs reaches
-            todo.extend(by[name].inputs)
-        self.order = [n for n in graph.nodes if n.name in needed]
+        # a BN's output is only needed when a later BN reads it: its own loss is on its
+        # input, which is what the walk from its inputs reaches
+        self.order = graph.needed_by(bns)
+        needed = {n.name for n in self.order}
         self.skipped: dict[str, str] = {}
         self.ops: dict[str, Any] = {}
 

@@ -56,6 +56,20 @@ class Graph:
     def by_name(self) -> dict[str, Node]:
         return {n.name: n for n in self.nodes}
 
+    def needed_by(self, names: list[str]) -> list[Node]:
+        """The nodes ``names`` depend on (themselves included), in graph order: what a
+        forward pass must run to reach them (a classifier head after the last BN is not)."""
+        by = self.by_name()
+        needed: set[str] = set()
+        todo = list(names)
+        while todo:
+            name = todo.pop()
+            if name in needed or name not in by:
+                continue
+            needed.add(name)
+            todo.extend(by[name].inputs)
+        return [n for n in self.nodes if n.name in needed]
+
     def consumers(self) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {n.name: [] for n in self.nodes}
         for n in self.nodes:

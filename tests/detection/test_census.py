@@ -20,6 +20,7 @@ from bnexporter.detection.sample import load_sample
 from bnexporter.errors import CheckpointError
 from bnexporter.topology.graph import Graph, Node
 from bnexporter.topology.keras_ir import _open_reader, keras_graph_ir, open_keras_ir
+from tests.support.graphs import torch_small_graph
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FIXTURES = os.path.join(os.path.dirname(HERE), "fixtures")
@@ -636,48 +637,6 @@ def _bn_means(graph, reader, x, name):
     if graph.layout == "nchw" and y.ndim > 2:
         y = to_nhwc(y)
     return y.reshape(-1, y.shape[-1]).mean(axis=0)
-
-
-def torch_small_graph() -> Graph:
-    """The architecture of gen_census_ref.torch_model, written by hand."""
-    def bn(name, src, eps=1e-5):
-        return Node(name, "bn", (src,), {r: f"{name}.{k}" for r, k in (
-            ("gamma", "weight"), ("beta", "bias"), ("mean", "running_mean"),
-            ("var", "running_var"))}, {"eps": eps})
-
-    def conv(name, src, bias, **attrs):
-        params = {"kernel": f"{name}.weight"}
-        if bias:
-            params["bias"] = f"{name}.bias"
-        return Node(name, "conv", (src,), params, attrs)
-
-    nodes = (
-        Node("x", "input"),
-        conv("stem", "x", False, stride=(2, 2), padding=(1, 1), dilation=(1, 1), groups=1),
-        bn("stem_bn", "stem"), Node("r0", "relu", ("stem_bn",)),
-        conv("dw", "r0", True, stride=(1, 1), padding=(2, 2), dilation=(2, 2), groups=16),
-        bn("dw_bn", "dw"), Node("d", "relu6", ("dw_bn",)),
-        conv("gconv", "d", False, stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=4,
-             padding_mode="reflect"),
-        bn("gconv_bn", "gconv", 1e-3), Node("s", "add", ("gconv_bn", "d")),
-        Node("g", "relu", ("s",)),
-        Node("mp", "maxpool", ("g",), attrs={"pool": (3, 3), "stride": (2, 2),
-                                             "padding": (1, 1), "ceil_mode": True}),
-        Node("ap", "avgpool", ("g",), attrs={"pool": (3, 3), "stride": (2, 2),
-                                             "padding": (1, 1), "ceil_mode": True,
-                                             "count_include_pad": True}),
-        Node("c", "concat", ("mp", "ap"), attrs={"axis": 1}),
-        conv("pw", "c", True, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1),
-        bn("pw_bn", "pw"), Node("p", "hardswish", ("pw_bn",)),
-        conv("down", "p", False, stride=(2, 1), padding=(1, 0), dilation=(1, 1), groups=1),
-        bn("down_bn", "down"), Node("q", "relu", ("down_bn",)),
-        Node("flat", "flatten", ("q",)),
-        Node("fc", "dense", ("flat",), {"kernel": "fc.weight", "bias": "fc.bias"}),
-        bn("fc_bn", "fc"), Node("f", "relu", ("fc_bn",)),
-        Node("head", "dense", ("f",), {"kernel": "head.weight", "bias": "head.bias"}),
-    )
-    return Graph(nodes, source="test", layout="nchw", kernel_layout="oihw",
-                 input_shape=(3, 16, 16))
 
 
 def test_torch_fixture_matches_framework():
