@@ -89,6 +89,19 @@ def _conv_padding(cfg: dict[str, Any], kernel: tuple[int, int], dilation: tuple[
     return pad
 
 
+def _window(cfg: dict[str, Any], rank: int) -> dict[str, Any]:
+    """Stride, dilation and padding of a Keras convolution layer's window."""
+    ks = _to2d(_pair(cfg.get("kernel_size"), rank))
+    dil = _to2d(_pair(cfg.get("dilation_rate"), rank))
+    return {"stride": _to2d(_pair(cfg.get("strides"), rank)), "dilation": dil,
+            "padding": _conv_padding(cfg, ks, dil), "rank": rank}
+
+
+def _depthwise(cfg: dict[str, Any], rank: int) -> dict[str, Any]:
+    return {**_window(cfg, rank), "depthwise": True,
+            "depth_multiplier": int(cfg.get("depth_multiplier") or 1)}
+
+
 class _Builder:
     def __init__(self, graph: KerasGraph, tensors_of: TensorsOf):
         self.graph = graph
@@ -128,12 +141,7 @@ class _Builder:
             return
         m = re.match(r"^(Conv|Convolution)([12])D$", cls)
         if m:
-            rank = int(m.group(2))
-            ks = _to2d(_pair(cfg.get("kernel_size"), rank))
-            dil = _to2d(_pair(cfg.get("dilation_rate"), rank))
-            attrs = {"stride": _to2d(_pair(cfg.get("strides"), rank)), "dilation": dil,
-                     "padding": _conv_padding(cfg, ks, dil),
-                     "groups": int(cfg.get("groups") or 1), "rank": rank}
+            attrs = {**_window(cfg, int(m.group(2))), "groups": int(cfg.get("groups") or 1)}
             roles = {"kernel": "kernel"}
             if cfg.get("use_bias", True):
                 roles["bias"] = "bias"
@@ -141,12 +149,7 @@ class _Builder:
             return
         m = re.match(r"^DepthwiseConv([12])D$", cls)
         if m:
-            rank = int(m.group(1))
-            ks = _to2d(_pair(cfg.get("kernel_size"), rank))
-            dil = _to2d(_pair(cfg.get("dilation_rate"), rank))
-            attrs = {"stride": _to2d(_pair(cfg.get("strides"), rank)), "dilation": dil,
-                     "padding": _conv_padding(cfg, ks, dil), "depthwise": True,
-                     "depth_multiplier": int(cfg.get("depth_multiplier") or 1), "rank": rank}
+            attrs = _depthwise(cfg, int(m.group(1)))
             roles = {"kernel": "depthwise_kernel"}
             if cfg.get("use_bias", True):
                 roles["bias"] = "bias"
@@ -158,12 +161,7 @@ class _Builder:
         m = re.match(r"^SeparableConv([12])D$", cls)
         if m:
             rank = int(m.group(1))
-            ks = _to2d(_pair(cfg.get("kernel_size"), rank))
-            dil = _to2d(_pair(cfg.get("dilation_rate"), rank))
-            dw_attrs = {"stride": _to2d(_pair(cfg.get("strides"), rank)), "dilation": dil,
-                        "padding": _conv_padding(cfg, ks, dil), "depthwise": True,
-                        "depth_multiplier": int(cfg.get("depth_multiplier") or 1),
-                        "rank": rank}
+            dw_attrs = _depthwise(cfg, rank)
             dw = f"{name}/depthwise"
             self.add(Node(dw, "conv", inputs,
                           self.params(name, {"kernel": "depthwise_kernel"}), dw_attrs))
