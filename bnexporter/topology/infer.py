@@ -119,8 +119,40 @@ class _Module:
     bn: str | None = None  # BN layer name when this module is a discovered BN
 
 
+_STEM_WORDS = {"stem", "conv_stem", "bn_stem", "input", "first", "features"}
+_HEAD_WORDS = {"head", "conv_head", "bn_head", "fc", "classifier", "logits", "last", "final"}
+_TRAILING = re.compile(r"^(.*?)(\d*)$")
+
+
+def _structural_key(prefix: str, is_bn: bool) -> tuple[tuple[int, int, int, str], ...]:
+    """Sort key that puts modules back in construction order when a file sorted them.
+
+    safetensors stores tensors by dtype and name, so ``c1, c2, n1, n2`` must become
+    ``c1, n1, c2, n2``: numbered siblings by their number, a kernel before the BN
+    of the same number; stem-like names first and head-like ones last.
+    """
+    parts = [p for p in re.split(r"[./]", prefix) if p]
+    key = []
+    for depth, part in enumerate(parts):
+        m = _TRAILING.match(part)
+        alpha, num = (m.group(1), m.group(2)) if m else (part, "")
+        word = part.lower()
+        rank = 0 if word in _STEM_WORDS else 2 if word in _HEAD_WORDS else 1
+        leaf = depth == len(parts) - 1
+        key.append((rank, int(num) if num else -1, int(is_bn) if leaf else 0, alpha))
+    return tuple(key)
+
+
+def _model_order(reader: Reader, bn_of: dict[str, str]) -> list[str]:
+    names = [n for n in reader.names() if n not in reader.meta.auxiliary]
+    if reader.format != "safetensors":  # the others keep the state_dict's own order
+        return names
+    return sorted(names, key=lambda n: _structural_key(
+        bn_of[n] if n in bn_of else _split(n)[0], n in bn_of))
+
+
 def _modules(reader: Reader, bns: Sequence[BNRef]) -> list[_Module]:
-    """Modules in the file's own tensor order (state_dict order = construction order)."""
+    """Modules in construction order (the state_dict's own order, or rebuilt from names)."""
     bn_of = {}
     for layer in bns:
         for t in (layer.mean, layer.var, layer.gamma, layer.beta):
@@ -128,9 +160,7 @@ def _modules(reader: Reader, bns: Sequence[BNRef]) -> list[_Module]:
                 bn_of[t] = layer.name
     order: list[str] = []
     seen: dict[str, dict[str, str]] = {}
-    for name in reader.names():
-        if name in reader.meta.auxiliary:
-            continue
+    for name in _model_order(reader, bn_of):
         if name in bn_of:
             key = "\0bn:" + bn_of[name]
             if key not in seen:
@@ -205,9 +235,9 @@ def _kernel_sum(w: np.ndarray, channels: int) -> tuple[np.ndarray, bool] | None:
     return None
 
 
-def downstream_test(reader: Reader, bn: BNRef, kernel: str, bias: str | None,
-                    nxt: BNRef) -> tuple[str, str] | None:
-    """(consumer kind, detail) when the next BN's running mean decides it, else None."""
+def fit_errors(reader: Reader, bn: BNRef, kernel: str, bias: str | None,
+               nxt: BNRef) -> dict[str, tuple[float, float]] | None:
+    """Per candidate activation: (relative residual, scale) of the downstream-mean fit."""
     if bn.channels < MIN_CHANNELS or bn.beta is None:
         return None
     ks = _kernel_sum(reader.read_array(kernel), bn.channels)
@@ -239,6 +269,13 @@ def downstream_test(reader: Reader, bn: BNRef, kernel: str, bias: str | None,
             continue
         alpha = float(pred @ target) / pp
         errs[kind] = (float(np.linalg.norm(target - alpha * pred)) / norm, alpha)
+    return errs or None
+
+
+def downstream_test(reader: Reader, bn: BNRef, kernel: str, bias: str | None,
+                    nxt: BNRef) -> tuple[str, str] | None:
+    """(consumer kind, detail) when the next BN's running mean decides it, else None."""
+    errs = fit_errors(reader, bn, kernel, bias, nxt)
     if not errs:
         return None
     best = min(errs, key=lambda c: errs[c][0])
