@@ -278,10 +278,17 @@ def downstream_test(reader: Reader, bn: BNRef, kernel: str, bias: str | None,
     errs = fit_errors(reader, bn, kernel, bias, nxt)
     if not errs:
         return None
-    best = min(errs, key=lambda c: errs[c][0])
+    family = _FAMILY[min(errs, key=lambda c: errs[c][0])]
+    # within the family the members fit alike with different scales (hard-swish halves
+    # its input near 0): the one with a plausible scale speaks for the family
+    members = [c for c in errs if _FAMILY[c] == family
+               and SCALE_RANGE[0] <= errs[c][1] <= SCALE_RANGE[1]]
+    if not members:
+        return None
+    best = min(members, key=lambda c: errs[c][0])
     err, alpha = errs[best]
-    others = [v[0] for c, v in errs.items() if _FAMILY[c] != _FAMILY[best]]
-    if err > FIT_MAX or not SCALE_RANGE[0] <= alpha <= SCALE_RANGE[1]:
+    others = [v[0] for c, v in errs.items() if _FAMILY[c] != family]
+    if err > FIT_MAX:
         return None
     if others and err > MARGIN * min(others):
         return None

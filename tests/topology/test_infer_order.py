@@ -41,3 +41,36 @@ def test_safetensors_gets_the_producers_and_consumers_of_the_same_pt():
 
     assert linked(st) == linked(pt) >= 2
     assert known(st) == known(pt)
+
+
+def test_a_family_member_with_a_plausible_scale_speaks_for_the_rectifiers():
+    # densenet norm1: hard-swish fits best but needs scale 1.78 (outside the accepted
+    # range); ReLU fits almost as well at 1.44, so the rectifier verdict stands
+    from unittest import mock
+
+    from bnexporter.detection import discovery
+    from bnexporter.formats.sniff import open_reader
+    from bnexporter.topology import infer
+
+    path = os.path.join(HERE, "tv_densenet_like.pt")
+    seen: dict[str, list] = {}
+    real = infer.infer_consumers
+
+    def spy(reader, bns, unknown):
+        seen["bns"] = list(bns)
+        return real(reader, bns, unknown)
+
+    with mock.patch.object(discovery, "infer_consumers", spy):
+        analyse_path(path, ScanOptions(bn_only=True))
+    by = {b.name: b for b in seen["bns"]}
+    bn = by["features.denseblock2.denselayer1.norm1"]
+    nxt = by["features.denseblock2.denselayer1.norm2"]
+    kernel = "features.denseblock2.denselayer1.conv1.weight"
+    with open_reader(path) as reader:
+        errs = infer.fit_errors(reader, bn, kernel, None, nxt)
+        assert errs is not None
+        best = min(errs, key=lambda c: errs[c][0])
+        assert best == "hardswish" and errs[best][1] > infer.SCALE_RANGE[1]
+        verdict = infer.downstream_test(reader, bn, kernel, None, nxt)
+    assert verdict is not None and verdict[0] == "rectifier"
+    assert "scale 1.44" in verdict[1]
