@@ -1,69 +1,38 @@
-"""TensorFlow graphs (TF1 ``.meta`` MetaGraphDef) translated into the shared IR.
+"""TensorFlow graphs (TF1 ``.meta`` MetaGraphDef, SavedModel functions) in the shared IR.
 
 Pure protobuf wire decoding (:mod:`bnexporter.formats.protowire`): no TensorFlow, no
 protobuf package. Variables are named as the TF bundle reader names TF1 Saver keys: the
 variable op's name (``bn1/moving_mean``), found by following ``Identity`` /
 ``ReadVariableOp`` reads back to ``VariableV2`` / ``VarHandleOp``.
 
-Only nodes reachable from a ``Placeholder`` become IR nodes; ``BiasAdd`` folds into the
-conv / dense node it follows. Unknown ops become ``other``.
+Only nodes reachable from a ``Placeholder`` become IR nodes (ops reading just a shape stop
+the flow); ``BiasAdd`` folds into the conv / dense node it follows. Unknown ops become
+``other``. A TF2 SavedModel's concrete function is first inlined into such a node list by
+:mod:`tf_functions`, its variables named as the ``variables/`` bundle reader names them.
 """
 
 from __future__ import annotations
 
 import os
 import struct
-from dataclasses import dataclass, field
 from typing import Any
 
 from bnexporter.errors import CheckpointError
 from bnexporter.formats import protowire as pw
+from bnexporter.topology import tf_functions
 from bnexporter.topology.graph import Graph, Node
+from bnexporter.topology.tf_functions import MAX_META, TFNode, parse_node_def
 
-MAX_META = 512 << 20
 _VAR_OPS = {"VariableV2", "Variable", "VarHandleOp", "VarIsInitializedOp"}
-_READS = {"Identity", "ReadVariableOp", "Enter", "Snapshot"}
+_READS = {"Identity", "ReadVariableOp", "Enter", "Snapshot", "Cast"}
 _SIMPLE = {"Relu": "relu", "Relu6": "relu6", "Sigmoid": "sigmoid", "Tanh": "tanh",
            "Elu": "activation", "Selu": "activation", "Softmax": "softmax",
            "LeakyRelu": "leaky_relu", "Add": "add", "AddV2": "add", "Mul": "mul",
            "Identity": "identity", "StopGradient": "identity", "Squeeze": "reshape",
-           "Reshape": "reshape", "Pad": "pad"}
-
-
-@dataclass
-class TFNode:
-    name: str
-    op: str
-    inputs: list[str]          # data inputs ("name" or "name:k"), control inputs dropped
-    attrs: dict[str, Any] = field(default_factory=dict)
-
-
-def _attr_value(raw: bytes, where: str) -> Any:
-    f = pw.parse(raw, where)
-    if 2 in f:
-        return pw.get_bytes(f, 2, where)
-    if 3 in f:
-        return pw.get_int(f, 3, where=where, signed=True)
-    if 4 in f:
-        v = f[4][-1]
-        return struct.unpack("<f", v.to_bytes(4, "little"))[0] if isinstance(v, int) else None
-    if 5 in f:
-        return bool(pw.get_int(f, 5, where=where))
-    if 1 in f:  # ListValue
-        lst = pw.parse(pw.get_bytes(f, 1, where) or b"", where)
-        ints: list[int] = []
-        for v in lst.get(3, []):
-            if isinstance(v, int):
-                ints.append(v)
-            else:  # packed
-                pos = 0
-                while pos < len(v):
-                    n, pos = pw.read_varint(v, pos, where)
-                    ints.append(n - (1 << 64) if n >= 1 << 63 else n)
-        return ints
-    if 8 in f:
-        return ("tensor", pw.get_bytes(f, 8, where))
-    return None
+           "Reshape": "reshape", "Pad": "pad", "StridedSlice": "reshape", "Slice": "reshape",
+           "ExpandDims": "reshape"}
+# ops reading only a tensor's shape: no value flows on from them
+_SHAPE_OPS = {"Shape", "ShapeN", "Size", "Rank"}
 
 
 def _tensor_ints(raw: bytes, where: str) -> list[int] | None:
@@ -89,24 +58,7 @@ def _tensor_ints(raw: bytes, where: str) -> list[int] | None:
 
 
 def parse_graph_def(raw: bytes, where: str) -> list[TFNode]:
-    g = pw.parse(raw, where)
-    nodes = []
-    for nd in pw.get_messages(g, 1, where):
-        attrs: dict[str, Any] = {}
-        for entry in pw.get_messages(nd, 5, where):
-            key = pw.get_str(entry, 1, where)
-            val = pw.get_bytes(entry, 2, where)
-            if val is not None:
-                attrs[key] = _attr_value(val, where)
-        inputs = []
-        for v in nd.get(3, []):
-            if not isinstance(v, bytes):
-                raise CheckpointError(where, "NodeDef input is not a string")
-            s = v.decode("utf-8", "replace")
-            if not s.startswith("^"):
-                inputs.append(s)
-        nodes.append(TFNode(pw.get_str(nd, 1, where), pw.get_str(nd, 2, where), inputs, attrs))
-    return nodes
+    return [parse_node_def(nd, where) for nd in pw.get_messages(pw.parse(raw, where), 1, where)]
 
 
 def graph_from_meta(path: str) -> Graph | None:
@@ -129,7 +81,7 @@ def graph_from_meta(path: str) -> Graph | None:
 
 def _base(inp: str) -> tuple[str, int]:
     name, _, idx = inp.partition(":")
-    return name, int(idx) if idx.isdigit() else 0
+    return name, int(idx) if idx.isascii() and idx.isdigit() else 0
 
 
 def graph_from_graph_def(tf_nodes: list[TFNode], source: str = "graph:tf"  # noqa: C901
@@ -184,7 +136,7 @@ def graph_from_graph_def(tf_nodes: list[TFNode], source: str = "graph:tf"  # noq
             emit(n.name, "input", [], attrs={"shape": None})
             continue
         data = [i for i in n.inputs if _base(i)[0] in active]
-        if not data:
+        if not data or n.op in _SHAPE_OPS:
             continue
         active.add(n.name)
         ins = [s for s in (src(i) for i in n.inputs) if s]
@@ -260,7 +212,11 @@ def graph_from_graph_def(tf_nodes: list[TFNode], source: str = "graph:tf"  # noq
                 alpha = n.attrs.get("alpha")
                 attrs = {"alpha": float(alpha) if isinstance(alpha, float) else 0.2}
             if op == "pad":
-                op, attrs = "other", {"name": "Pad"}
+                p = const_ints(n.inputs[1]) if len(n.inputs) > 1 else None
+                if p is not None and len(p) == 8 and p[0] == p[1] == p[6] == p[7] == 0:
+                    attrs = {"pads": ((p[2], p[3]), (p[4], p[5])), "value": 0.0}
+                else:
+                    op, attrs = "other", {"name": "Pad"}
             emit(n.name, op, tens, attrs=attrs)
         else:
             emit(n.name, "other", ins, attrs={"name": n.op})
@@ -334,8 +290,9 @@ def _untuple(v: Any, depth: int = 0) -> Any:
 
 def graph_from_saved_model(folder: str) -> Graph | dict[str, Any] | None:
     """A SavedModel folder's graph: the Keras model config dict when ``keras_metadata.pb``
-    carries one (translate it with ``keras_ir``), else None (the FunctionDef translation
-    of ``saved_model.pb`` is not implemented yet)."""
+    carries one (translate it with ``keras_ir``), else the graph of the concrete function
+    in ``saved_model.pb`` with the most BNs (:mod:`tf_functions`), its variables named as
+    the ``variables/`` bundle reader names them; None when neither says anything."""
     meta = os.path.join(folder, "keras_metadata.pb")
     if os.path.isfile(meta):
         try:
@@ -345,5 +302,38 @@ def graph_from_saved_model(folder: str) -> Graph | dict[str, Any] | None:
             raise CheckpointError(meta, f"cannot read: {exc.strerror}", "io") from None
         if len(raw) > MAX_META:
             raise CheckpointError(meta, "keras_metadata.pb is too large", "too_large")
-        return keras_config_from_metadata(raw, meta)
-    return None
+        config = keras_config_from_metadata(raw, meta)
+        if config is not None:
+            return config
+    prefix = os.path.join(folder, "variables", "variables")
+    if not os.path.isfile(os.path.join(folder, "saved_model.pb")) or \
+            not os.path.isfile(prefix + ".index"):
+        return None
+    sm = tf_functions.read_saved_model(folder)
+    if sm is None:
+        return None
+    where = os.path.join(folder, "saved_model.pb")
+    if sm.has_objects:
+        return _graph_from_functions(sm, tf_functions.bundle_names(sm, prefix), where)
+    graph = graph_from_graph_def(sm.graph_nodes, source="graph:savedmodel")  # TF1 builder
+    return graph if any(n.op == "bn" and "mean" in n.params for n in graph.nodes) else None
+
+
+_TRIES = 3  # candidate functions translated in full
+
+
+def _graph_from_functions(sm: tf_functions.SavedModel, names: dict[int, str], where: str
+                          ) -> Graph | None:
+    """Of the best few concrete functions, the graph with the most named BNs."""
+    tensors = {tf_functions.var_node(oid): t for oid, t in names.items()}
+    best, count = None, 0
+    for name in tf_functions.candidates(sm)[:_TRIES]:
+        g = graph_from_graph_def(tf_functions.flatten(sm, name, names, where),
+                                 source="graph:savedmodel")
+        nodes = tuple(Node(n.name, n.op, n.inputs, {r: tensors[v] for r, v in n.params.items()
+                                                    if v in tensors}, n.attrs)
+                      for n in g.nodes)
+        found = sum(1 for n in nodes if n.op == "bn" and "mean" in n.params)
+        if found > count:
+            best, count = Graph(nodes, g.source, g.layout, g.kernel_layout), found
+    return best

@@ -1,0 +1,514 @@
+"""TF2 SavedModel graphs from the function library of ``saved_model.pb``.
+
+A TF2 SavedModel (Keras 3 ``model.export``, ``tf.saved_model.save``, tf_keras without a
+usable ``keras_metadata.pb``) keeps its forward pass as FunctionDefs, not as a GraphDef:
+variables enter as resource arguments, layers as nested ``StatefulPartitionedCall``s.
+This module inlines one concrete function into a flat node list that
+:func:`tf_graph.graph_from_graph_def` translates, and names its variables as the TF
+bundle reader names the ``variables/`` tensors. The function's captured inputs are
+SavedObjectGraph nodes (``bound_inputs``); a node's path from the root is its checkpoint
+key. ``tf.nn.batch_normalization``'s unfused arithmetic (Keras 3 writes it) is folded back
+into one BN node. Pure wire decoding: nothing in the file is run.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from bnexporter.errors import CheckpointError
+from bnexporter.formats import protowire as pw
+
+MAX_META = 512 << 20     # bytes of saved_model.pb / a .meta
+MAX_NODES = 1 << 20        # inlined nodes per translation
+MAX_DEPTH = 48             # nested calls
+_CALLS = {"StatefulPartitionedCall", "PartitionedCall"}
+_DT_RESOURCE = 20
+_VALUE_SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"
+_PASS = {"Identity", "ReadVariableOp", "Cast", "Reshape", "Snapshot"}
+
+
+@dataclass
+class TFNode:
+    name: str
+    op: str
+    inputs: list[str]          # data inputs ("name" or "name:k"), control inputs dropped
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+
+def _attr_value(raw: bytes, where: str) -> Any:
+    f = pw.parse(raw, where)
+    if 2 in f:
+        return pw.get_bytes(f, 2, where)
+    if 3 in f:
+        return pw.get_int(f, 3, where=where, signed=True)
+    if 4 in f:
+        v = f[4][-1]
+        return struct.unpack("<f", v.to_bytes(4, "little"))[0] if isinstance(v, int) else None
+    if 5 in f:
+        return bool(pw.get_int(f, 5, where=where))
+    if 1 in f:  # ListValue
+        lst = pw.parse(pw.get_bytes(f, 1, where) or b"", where)
+        ints: list[int] = []
+        for v in lst.get(3, []):
+            if isinstance(v, int):
+                ints.append(v)
+            else:  # packed
+                pos = 0
+                while pos < len(v):
+                    n, pos = pw.read_varint(v, pos, where)
+                    ints.append(n - (1 << 64) if n >= 1 << 63 else n)
+        return ints
+    if 8 in f:
+        return ("tensor", pw.get_bytes(f, 8, where))
+    if 10 in f:  # NameAttrList: the function a call node runs
+        return ("func", pw.get_str(pw.parse(pw.get_bytes(f, 10, where) or b"", where), 1, where))
+    return None
+
+
+def parse_node_def(nd: pw.Fields, where: str) -> TFNode:
+    """One NodeDef (node_def.proto), control inputs dropped."""
+    attrs: dict[str, Any] = {}
+    for entry in pw.get_messages(nd, 5, where):
+        key = pw.get_str(entry, 1, where)
+        val = pw.get_bytes(entry, 2, where)
+        if val is not None:
+            attrs[key] = _attr_value(val, where)
+    inputs = []
+    for v in nd.get(3, []):
+        if not isinstance(v, bytes):
+            raise CheckpointError(where, "NodeDef input is not a string")
+        s = v.decode("utf-8", "replace")
+        if not s.startswith("^"):
+            inputs.append(s)
+    return TFNode(pw.get_str(nd, 1, where), pw.get_str(nd, 2, where), inputs, attrs)
+
+
+@dataclass
+class Function:
+    name: str
+    inputs: list[tuple[str, int]]      # (argument, dtype)
+    outputs: list[str]
+    ret: dict[str, str]
+    raw_nodes: list[bytes]
+    where: str
+    _nodes: list[TFNode] | None = field(default=None, repr=False)
+
+    def nodes(self) -> list[TFNode]:
+        if self._nodes is None:
+            self._nodes = [parse_node_def(pw.parse(r, self.where), self.where)
+                           for r in self.raw_nodes]
+        return self._nodes
+
+
+@dataclass
+class SavedModel:
+    functions: dict[str, Function]
+    objects: list[tuple[list[tuple[int, str]], tuple[str, tuple[int, ...]] | None]]
+    bound: dict[str, list[int]]        # concrete function -> captured object ids
+    graph_nodes: list[TFNode]          # the top-level GraphDef (a TF1 SavedModel's graph)
+    has_objects: bool
+
+
+def _ints(values: list, where: str) -> list[int]:
+    out: list[int] = []
+    for v in values:
+        if isinstance(v, int):
+            out.append(v)
+        else:
+            pos = 0
+            while pos < len(v):
+                n, pos = pw.read_varint(v, pos, where)
+                out.append(n)
+    return out
+
+
+def _function(raw: bytes, where: str) -> Function:
+    f = pw.parse(raw, where)
+    sig = pw.parse(pw.get_bytes(f, 1, where) or b"", where)
+    ins = [(pw.get_str(a, 1, where), pw.get_int(a, 3, where=where))
+           for a in pw.get_messages(sig, 2, where)]
+    outs = [pw.get_str(a, 1, where) for a in pw.get_messages(sig, 3, where)]
+    ret = {pw.get_str(e, 1, where): pw.get_str(e, 2, where) for e in pw.get_messages(f, 4, where)}
+    raw_nodes = [v for v in f.get(3, []) if isinstance(v, bytes)]
+    return Function(pw.get_str(sig, 1, where), ins, outs, ret, raw_nodes, where)
+
+
+def _variable(raw: bytes, where: str) -> tuple[str, tuple[int, ...]]:
+    v = pw.parse(raw, where)
+    shape_raw = pw.get_bytes(v, 2, where)
+    dims: tuple[int, ...] = ()
+    if shape_raw:
+        dims = tuple(pw.get_int(d, 1, where=where, signed=True)
+                     for d in pw.get_messages(pw.parse(shape_raw, where), 2, where))
+    return pw.get_str(v, 6, where), dims
+
+
+def parse_saved_model(raw: bytes, where: str) -> SavedModel | None:
+    """The function library, object graph and bound inputs of the ``serve`` meta graph."""
+    metas = pw.get_messages(pw.parse(raw, where), 2, where)
+    if not metas:
+        return None
+    meta = metas[0]
+    for m in metas:
+        info = pw.parse(pw.get_bytes(m, 1, where) or b"", where)
+        if b"serve" in info.get(4, []):
+            meta = m
+            break
+    gd = pw.parse(pw.get_bytes(meta, 2, where) or b"", where)
+    graph_nodes = [parse_node_def(nd, where) for nd in pw.get_messages(gd, 1, where)]
+    lib = pw.parse(pw.get_bytes(gd, 2, where) or b"", where)
+    functions = {}
+    for raw_fn in lib.get(1, []):
+        if not isinstance(raw_fn, bytes):
+            raise CheckpointError(where, "FunctionDef is not a message")
+        fn = _function(raw_fn, where)
+        functions[fn.name] = fn
+    og_raw = pw.get_bytes(meta, 7, where)
+    og = pw.parse(og_raw or b"", where)
+    objects = []
+    for obj in pw.get_messages(og, 1, where):
+        children = [(pw.get_int(c, 1, where=where), pw.get_str(c, 2, where))
+                    for c in pw.get_messages(obj, 1, where)]
+        var = pw.get_bytes(obj, 7, where)
+        objects.append((children, _variable(var, where) if var is not None else None))
+    if any(c >= len(objects) for children, _ in objects for c, _ in children):
+        raise CheckpointError(where, "SavedObjectGraph references a node that does not exist")
+    bound = {}
+    for entry in pw.get_messages(og, 2, where):
+        cf = pw.parse(pw.get_bytes(entry, 2, where) or b"", where)
+        ids = _ints(cf.get(2, []), where)
+        if any(i >= len(objects) for i in ids):
+            raise CheckpointError(where, "a concrete function captures a missing object")
+        bound[pw.get_str(entry, 1, where)] = ids
+    return SavedModel(functions, objects, bound, graph_nodes, og_raw is not None)
+
+
+def _escape(name: str) -> str:
+    return name.replace(".", "..").replace("/", ".S")
+
+
+def checkpoint_keys(sm: SavedModel) -> dict[int, str]:
+    """Variable object id -> its bundle key: the breadth-first path from the root, as the
+    checkpoint saver names it (``variables/3/.ATTRIBUTES/VARIABLE_VALUE``)."""
+    paths: dict[int, str] = {0: ""}
+    queue = deque([0])
+    while queue:
+        nid = queue.popleft()
+        for child, edge in sm.objects[nid][0]:
+            if child not in paths:
+                paths[child] = f"{paths[nid]}/{_escape(edge)}" if paths[nid] else _escape(edge)
+                queue.append(child)
+    return {nid: paths[nid] + _VALUE_SUFFIX for nid, (_, var) in enumerate(sm.objects)
+            if var is not None and nid in paths}
+
+
+# -- inlining -----------------------------------------------------------------------------
+
+class _Inliner:
+    def __init__(self, functions: dict[str, Function], where: str):
+        self.functions = functions
+        self.where = where
+        self.out: list[TFNode] = []
+        self.calls = 0
+
+    def callee(self, n: TFNode) -> str | None:
+        if n.op in _CALLS:
+            f = n.attrs.get("f")
+            return f[1] if isinstance(f, tuple) and f[0] == "func" and \
+                f[1] in self.functions else None
+        return n.op if n.op in self.functions else None
+
+    def inline(self, name: str, prefix: str, args: dict[str, str], depth: int) -> list[str]:
+        """Append ``name``'s nodes (renamed under ``prefix``); returns its output refs."""
+        if depth > MAX_DEPTH:
+            raise CheckpointError(self.where, f"function calls nest deeper than {MAX_DEPTH}",
+                                  "too_large")
+        self.calls += 1
+        if self.calls > MAX_NODES:
+            raise CheckpointError(self.where, f"more than {MAX_NODES} function calls inlined",
+                                  "too_large")
+        fn = self.functions[name]
+        nodes = fn.nodes()
+        local = {n.name: n for n in nodes}
+        called: dict[str, list[str]] = {}
+
+        def ref(inp: str) -> str:
+            parts = inp.split(":")
+            if len(parts) == 1:
+                if inp in args:
+                    return args[inp]
+                return prefix + inp if inp in local else ""
+            last = parts[-1]
+            base, idx = parts[0], int(last) if last.isascii() and last.isdigit() else 0
+            if base in called:
+                return called[base][idx] if idx < len(called[base]) else ""
+            n = local.get(base)
+            if n is None:
+                return ""
+            if len(parts) == 3 and n.op.startswith("FusedBatchNorm") and parts[1] != "y":
+                idx += 1  # batch_mean, batch_variance, ...: never the normalised output
+            return prefix + base + (f":{idx}" if idx else "")
+
+        for n in _local_order(nodes, local):
+            callee = self.callee(n)
+            if callee is not None:
+                inner = self.functions[callee]
+                called[n.name] = self.inline(
+                    callee, f"{prefix}{n.name}/",
+                    {a: ref(i) for (a, _), i in zip(inner.inputs, n.inputs)}, depth + 1)
+                continue
+            self.out.append(TFNode(prefix + n.name, n.op, [ref(i) for i in n.inputs], n.attrs))
+            if len(self.out) > MAX_NODES:
+                raise CheckpointError(self.where, f"inlined graph exceeds {MAX_NODES} nodes",
+                                      "too_large")
+        return [ref(fn.ret.get(o, "")) for o in fn.outputs]
+
+
+def _local_order(nodes: list[TFNode], local: dict[str, TFNode]) -> list[TFNode]:
+    """Kahn's order inside one function body (call results must exist before use)."""
+    indeg = {n.name: 0 for n in nodes}
+    users: dict[str, list[str]] = {}
+    for n in nodes:
+        for i in n.inputs:
+            b = i.split(":")[0]
+            if b in local and b != n.name:
+                indeg[n.name] += 1
+                users.setdefault(b, []).append(n.name)
+    ready = deque(n.name for n in nodes if indeg[n.name] == 0)
+    out: list[TFNode] = []
+    while ready:
+        name = ready.popleft()
+        out.append(local[name])
+        for u in users.get(name, []):
+            indeg[u] -= 1
+            if indeg[u] == 0:
+                ready.append(u)
+    seen = {n.name for n in out}
+    return out + [n for n in nodes if n.name not in seen]
+
+
+def _bn_score(functions: dict[str, Function], name: str, memo: dict[str, tuple[int, int]],
+              depth: int = 0) -> tuple[int, int]:
+    """(inference BNs, training BNs) in ``name`` with its callees, for picking the function."""
+    if name in memo:
+        return memo[name]
+    memo[name] = (0, 0)  # a recursive call counts nothing
+    if depth > MAX_DEPTH:
+        return (0, 0)
+    infer = train = 0
+    for n in functions[name].nodes():
+        if n.op.startswith("FusedBatchNorm"):
+            if n.attrs.get("is_training"):
+                train += 1
+            else:
+                infer += 1
+        elif n.op == "Rsqrt":
+            infer += 1
+        f = n.attrs.get("f") if n.op in _CALLS else None
+        callee = f[1] if isinstance(f, tuple) and f[0] == "func" else n.op
+        if callee in functions:
+            a, b = _bn_score(functions, callee, memo, depth + 1)
+            infer, train = infer + a, train + b
+    memo[name] = (infer, train)
+    return memo[name]
+
+
+# -- unfused batch norm -------------------------------------------------------------------
+
+def _through(by: dict[str, TFNode], ref: str, ops: set[str]) -> TFNode | None:
+    n = by.get(ref.split(":")[0])
+    for _ in range(8):
+        if n is None or n.op not in ops or not n.inputs:
+            return n
+        n = by.get(n.inputs[0].split(":")[0])
+    return None
+
+
+def _var(by: dict[str, TFNode], ref: str) -> str | None:
+    n = _through(by, ref, _PASS)
+    return n.name if n is not None and n.op == "VarHandleOp" else None
+
+
+def _const_float(by: dict[str, TFNode], ref: str) -> float | None:
+    """A float32 / float64 scalar Const (the epsilon), else None."""
+    n = _through(by, ref, {"Identity", "Cast"})
+    v = n.attrs.get("value") if n is not None and n.op == "Const" else None
+    if not (isinstance(v, tuple) and v[0] == "tensor" and v[1]):
+        return None
+    t = pw.parse(v[1], "const")
+    dtype = pw.get_int(t, 1, where="const")
+    if dtype not in (1, 2):
+        return None
+    fmt, width = ("<f", 4) if dtype == 1 else ("<d", 8)
+    raw = pw.get_bytes(t, 4, "const")  # tensor_content
+    if not raw:
+        vals = t.get(5 if dtype == 1 else 6, [])  # float_val / double_val
+        if not vals:
+            return None
+        last = vals[-1]
+        raw = last.to_bytes(width, "little") if isinstance(last, int) else last[-width:]
+    return float(struct.unpack(fmt, raw)[0]) if len(raw) == width else None
+
+
+def _users(users: dict[str, list[TFNode]], n: TFNode) -> list[TFNode]:
+    return users.get(n.name, [])
+
+
+def _other_input(n: TFNode, name: str) -> str | None:
+    """The input of a binary op that is not ``name``."""
+    rest = [i for i in n.inputs if i.split(":")[0] != name]
+    return rest[0] if len(n.inputs) == 2 and len(rest) == 1 else None
+
+
+def _match_bn(r: TFNode, by: dict[str, TFNode], users: dict[str, list[TFNode]]
+              ) -> tuple[TFNode, str] | None:
+    """From one Rsqrt: the fused node replacing the final add, and the ``x * inv``
+    node it makes redundant; None unless the whole pattern is there."""
+    add = by.get(r.inputs[0].split(":")[0]) if r.inputs else None
+    if add is None or add.op not in ("Add", "AddV2") or len(add.inputs) != 2:
+        return None
+    var, eps = _var(by, add.inputs[0]), _const_float(by, add.inputs[1])
+    if var is None or eps is None:
+        return None
+    inv, gamma = r, ""
+    scaled = _users(users, r)
+    if len(scaled) == 1 and scaled[0].op == "Mul":
+        g = _var(by, _other_input(scaled[0], r.name) or "")
+        if g is not None:
+            inv, gamma = scaled[0], g
+    muls = _users(users, inv)
+    if len(muls) != 2 or any(m.op != "Mul" for m in muls):
+        return None
+    others = [_other_input(m, inv.name) for m in muls]
+    means = [_var(by, o) if o else None for o in others]
+    if None in others or (means[0] is None) == (means[1] is None):
+        return None
+    k = 0 if means[0] is not None else 1
+    mean, scale_x, x = means[k], muls[1 - k], others[1 - k]
+    centred = _users(users, muls[k])
+    if len(centred) != 1 or centred[0].op not in ("Sub", "Neg"):
+        return None
+    sub, beta = centred[0], ""
+    if sub.op == "Sub":
+        if len(sub.inputs) != 2 or sub.inputs[1].split(":")[0] != muls[k].name:
+            return None
+        beta = _var(by, sub.inputs[0]) or ""
+        if not beta:
+            return None
+    out = _users(users, sub)
+    if len(out) != 1 or out[0].op not in ("Add", "AddV2") or _users(users, scale_x) != out \
+            or {i.split(":")[0] for i in out[0].inputs} != {scale_x.name, sub.name}:
+        return None
+    assert mean is not None and x is not None
+    return TFNode(out[0].name, "FusedBatchNormV3", [x, gamma, beta, mean, var],
+                  {"epsilon": eps}), scale_x.name
+
+
+def fuse_batchnorms(nodes: list[TFNode]) -> list[TFNode]:
+    """``x * inv + (beta - mean * inv)``, ``inv = rsqrt(var + eps) [* gamma]`` (what
+    ``tf.nn.batch_normalization`` writes) -> one ``FusedBatchNormV3`` on ``x``."""
+    by = {n.name: n for n in nodes}
+    users: dict[str, list[TFNode]] = {}
+    for n in nodes:
+        for i in n.inputs:
+            users.setdefault(i.split(":")[0], []).append(n)
+    replace: dict[str, TFNode] = {}
+    drop: set[str] = set()
+    for r in nodes:
+        got = _match_bn(r, by, users) if r.op == "Rsqrt" else None
+        if got is not None:
+            replace[got[0].name] = got[0]
+            drop.add(got[1])
+    return [replace.get(n.name, n) for n in nodes if n.name not in drop]
+
+
+# -- the SavedModel's graph ----------------------------------------------------------------
+
+def flatten(sm: SavedModel, name: str, names: dict[int, str], where: str
+            ) -> list[TFNode]:
+    """Concrete function ``name`` inlined, BNs folded: data arguments become
+    ``Placeholder``s, captured variables with a name in ``names`` (object id -> tensor)
+    ``VarHandleOp``s called :func:`var_node` of their object id; other captures are
+    left unconnected."""
+    fn = sm.functions[name]
+    bound = sm.bound.get(name, [])
+    first_bound = len(fn.inputs) - len(bound)
+    inl = _Inliner(sm.functions, where)
+    args: dict[str, str] = {}
+    for pos, (arg, dtype) in enumerate(fn.inputs):
+        if pos >= first_bound:
+            oid = bound[pos - first_bound]
+            args[arg] = var_node(oid) if oid in names else ""
+            if args[arg]:
+                inl.out.append(TFNode(args[arg], "VarHandleOp", []))
+        elif dtype != _DT_RESOURCE:
+            inl.out.append(TFNode(arg, "Placeholder", []))
+            args[arg] = arg
+    inl.inline(name, "", args, 0)
+    return fuse_batchnorms(inl.out)
+
+
+def var_node(oid: int) -> str:
+    """TF node names never start with ``_``: no clash with a real node."""
+    return f"__var__/{oid}"
+
+
+def candidates(sm: SavedModel) -> list[str]:
+    """Concrete functions worth translating, best first: most inference BNs (with their
+    callees), fewest training-mode ones, then the smallest body."""
+    memo: dict[str, tuple[int, int]] = {}
+    scored = []
+    for name in sorted(sm.bound):
+        if name in sm.functions:
+            infer, train = _bn_score(sm.functions, name, memo)
+            if infer:
+                scored.append((-infer, train, len(sm.functions[name].raw_nodes), name))
+    return [name for *_, name in sorted(scored)]
+
+
+def read_saved_model(folder: str) -> SavedModel | None:
+    path = os.path.join(folder, "saved_model.pb")
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read(MAX_META + 1)
+    except OSError as exc:
+        raise CheckpointError(path, f"cannot read: {exc.strerror}", "io") from None
+    if len(raw) > MAX_META:
+        raise CheckpointError(path, f"saved_model.pb exceeds {MAX_META} bytes", "too_large")
+    return parse_saved_model(raw, path)
+
+
+def bundle_names(sm: SavedModel, prefix: str) -> dict[int, str]:
+    """Variable object id -> the tensor name the TF bundle reader gives its bundle key.
+    Where a SavedModel stores a variable twice (Keras 3 ``variables/N`` and
+    ``_all_variables/M``), the copy that got the variable's own name is preferred when
+    its bytes are the same (equal CRC), so the graph names the tensor a BN layer reads."""
+    from bnexporter.formats.tf_bundle import TFBundleReader, load_index
+
+    keys = checkpoint_keys(sm)
+    with TFBundleReader(prefix) as reader:
+        assert isinstance(reader, TFBundleReader)
+        name_of = {k: n for n, k in reader.checkpoint_keys.items()}
+        entries = load_index(prefix).entries
+        out: dict[int, str] = {}
+        for oid, key in keys.items():
+            name = name_of.get(key)
+            var = sm.objects[oid][1]
+            if name is None or var is None:
+                continue
+            shape = tuple(reader.info(name).shape)
+            if len(var[1]) == len(shape) and any(a not in (-1, b) for a, b in zip(var[1], shape)):
+                continue  # not this variable
+            own = var[0][:-2] if var[0].endswith(":0") else var[0]
+            twin = entries.get(reader.checkpoint_keys.get(own, ""))
+            mine = entries.get(key)
+            if own != name and twin is not None and mine is not None and \
+                    twin.crc is not None and (twin.crc, twin.dtype, twin.shape) == \
+                    (mine.crc, mine.dtype, mine.shape):
+                name = own
+            out[oid] = name
+    return out
