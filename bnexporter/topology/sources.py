@@ -5,8 +5,9 @@ folder often does: a Keras ``config.json`` / ``model.json`` written next to
 ``*.weights.h5``, a full ``.keras`` / ``.h5`` of the same model, a SavedModel's
 ``saved_model.pb`` above its ``variables/``, a TF1 ``.meta`` beside the bundle, a
 TorchScript or ``torch.export`` archive of the model, or the graph description
-``bnexporter describe`` writes. Every one of them is parsed as data; nothing is
-imported or executed.
+``bnexporter describe`` writes. A TorchScript or ``.pt2`` archive scanned on its
+own is its own graph. Every one of them is parsed as data; nothing is imported
+or executed.
 """
 
 from __future__ import annotations
@@ -68,6 +69,9 @@ def find(path: str, framework: str, notes: list[str],
     try:
         names = tuple(sorted(os.listdir(folder)))
         stamp = [os.stat(folder).st_mtime_ns]
+        if os.path.isfile(path):  # the checkpoint's own graph (TorchScript, .pt2)
+            st = os.stat(path)
+            stamp += [st.st_mtime_ns, st.st_size]
         for name in names:  # a sidecar rewritten in place leaves the folder's mtime alone
             if name in _SIDECARS or name.endswith((".pt2", ".meta")):
                 st = os.stat(os.path.join(folder, name))
@@ -205,6 +209,14 @@ def _torch_sidecar(path: str, folder: str, names: list[str], framework: str) -> 
         return
     from bnexporter.topology import torch_graph
 
+    if os.path.isfile(path):  # the archive's own graph: a .pt2 program, TorchScript code
+        graph = torch_graph.graph_from_export(path)
+        if graph is not None:
+            yield Found("graph:torch.export", graph=graph)
+        else:
+            graph = torch_graph.graph_from_torchscript(path)
+            if graph is not None:
+                yield Found("graph:torchscript", graph=graph)
     if os.path.isfile(path):  # a whole pickled module (torch.save(model), {"model": m})
         graph = torch_graph.graph_from_module_tree(path)
         if graph is not None and any(n.op != "bn" for n in graph.nodes):
