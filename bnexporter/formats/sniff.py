@@ -16,21 +16,24 @@ from bnexporter.formats import (
     npz,
     safetensors,
     tf_bundle,
+    torch_export,
     torch_legacy,
     torch_zip,
+    torchscript,
 )
 from bnexporter.formats.base import Reader, read_head
 from bnexporter.formats.spec import Format, Incomplete, Probe
 
 # order matters: a .keras archive holds .npy-free members, an npz is any zip of .npy
 FORMATS: tuple[Format, ...] = (
-    tf_bundle.FORMAT, hdf5_keras.FORMAT, keras_zip.FORMAT, torch_zip.FORMAT, npz.FORMAT,
-    torch_legacy.FORMAT, safetensors.FORMAT,
+    tf_bundle.FORMAT, hdf5_keras.FORMAT, keras_zip.FORMAT, torch_zip.FORMAT,
+    torchscript.FORMAT, torch_export.FORMAT, npz.FORMAT, torch_legacy.FORMAT,
+    safetensors.FORMAT,
 )
 # the readers and the libraries they import on first use (the daemon's forkserver
 # preloads these, so its analysis processes start with them loaded)
-MODULES = (*(m.__name__ for m in (tf_bundle, hdf5_keras, keras_zip, torch_zip, npz,
-                                  torch_legacy, safetensors)), "h5py")
+MODULES = (*(m.__name__ for m in (tf_bundle, hdf5_keras, keras_zip, torch_zip, torchscript,
+                                  torch_export, npz, torch_legacy, safetensors)), "h5py")
 _HEAD = 1024 + 8
 
 
@@ -50,11 +53,6 @@ def _format(path: str) -> Format:
             return fmt
     head = probe.head
     if probe.is_zip:
-        if any(n.endswith("serialized_exported_program.json") or "/models/" in n
-               for n in probe.members()):
-            raise CheckpointError(path, "torch.export archive: used as the graph of the "
-                                  "state_dicts beside it; its weights are not read",
-                                  "unsupported")
         raise CheckpointError(path, "zip archive is neither a .keras, torch nor .npz file",
                               "unsupported")
     if head[:3] == b"PK\x05" or head[:4] == b"PK\x07\x08":
@@ -64,7 +62,8 @@ def _format(path: str) -> Format:
 
 
 def detect(path: str) -> str:
-    """Return a format key: keras-h5, keras, torch, torch-legacy, safetensors, npz, tf."""
+    """Return a format key: keras-h5, keras, torch, torchscript, torch-export,
+    torch-legacy, safetensors, npz, tf."""
     return _format(path).key
 
 

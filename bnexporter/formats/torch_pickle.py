@@ -12,6 +12,11 @@ importable function. Here every global resolves to an inert stand-in:
 * modules that only ever appear in a pickle to execute code (``os``,
   ``subprocess``, ``builtins.eval`` ...) are refused by name.
 
+TorchScript's ``data.pkl`` (``torchscript=True``) also names the identity
+helpers of ``torch.jit._pickle`` (``build_intlist`` ...); only those are let
+through the ``torch.jit`` ban, and only in that mode. Its ``__torch__.*`` module
+classes are unknown globals like any other, so they load as :class:`Opaque`.
+
 Nothing real is ever imported and no stand-in calls anything the pickle
 supplies, so REDUCE on a dangerous callable cannot happen: the callable never
 exists. Before the C unpickler runs, :func:`prescan` walks the opcodes with
@@ -91,6 +96,12 @@ _STORAGE_DTYPES = {
     "ComplexDoubleStorage": "complex128", "QInt8Storage": "qint8",
     "QUInt8Storage": "quint8", "QInt32Storage": "qint32", "QUInt4x2Storage": "quint4x2",
     "QUInt2x4Storage": "quint2x4",
+    # TorchScript names a storage by its scalar type, whatever the dtype
+    "UInt16Storage": "uint16", "UInt32Storage": "uint32", "UInt64Storage": "uint64",
+    "ComplexHalfStorage": "complex32", "Float8_e4m3fnStorage": "float8_e4m3fn",
+    "Float8_e5m2Storage": "float8_e5m2", "Float8_e4m3fnuzStorage": "float8_e4m3fnuz",
+    "Float8_e5m2fnuzStorage": "float8_e5m2fnuz", "Float8_e8m0fnuStorage": "float8_e8m0fnu",
+    "Float4_e2m1fn_x2Storage": "float4_e2m1fn_x2",
 }
 # element sizes torch uses for dtypes outside bnexporter's decodable set
 EXTRA_ITEMSIZE = {"complex32": 4, "qint8": 1, "quint8": 1, "qint32": 4, "quint4x2": 1,
@@ -529,6 +540,25 @@ def _fixed_globals() -> dict[tuple[str, str], object]:
 _FIXED = _fixed_globals()
 
 
+def _typed_list(data: object, *_rest: object) -> list:
+    """``torch.jit._pickle.build_intlist`` & co: the identity on a list."""
+    if not isinstance(data, list):
+        raise Refused("torch.jit._pickle list builder on a non-list")
+    return data
+
+
+def _restore_type_tag(value: object, *_rest: object) -> object:
+    return value
+
+
+# TorchScript's data.pkl only: typed-container helpers that return their argument
+_TORCHSCRIPT_FIXED: dict[tuple[str, str], object] = {
+    ("torch.jit._pickle", name): StandIn(f"torch.jit._pickle.{name}", fn)
+    for name, fn in (("build_intlist", _typed_list), ("build_doublelist", _typed_list),
+                     ("build_boollist", _typed_list), ("build_tensorlist", _typed_list),
+                     ("restore_type_tag", _restore_type_tag))}
+
+
 def _opaque_class(module: str, name: str) -> type[Opaque]:
     cls = _OpaqueMeta("Opaque", (Opaque,), {"__slots__": (), "global_module": module,
                                            "global_name": name})
@@ -540,9 +570,11 @@ _FROM_TYPE = _opaque_class("torch._tensor", "_rebuild_from_type_v2")
 _NP_SCALAR = _opaque_class("numpy.core.multiarray", "scalar")
 
 
-def check_global(module: str, name: str) -> str | None:
+def check_global(module: str, name: str, torchscript: bool = False) -> str | None:
     """Why ``module.name`` is refused, or None when it may be resolved to a stand-in."""
     module = _PY2_MODULES.get(module, module)
+    if torchscript and (module, name) in _TORCHSCRIPT_FIXED:
+        return None
     full = f"{module}.{name}"
     parts = full.split(".")
     for i in range(1, len(parts) + 1):
@@ -569,7 +601,8 @@ _STRING_OPS = frozenset({"STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "B
                          "SHORT_BINUNICODE", "BINUNICODE8"})
 
 
-def prescan(stream: io.BufferedIOBase | io.RawIOBase, limit: int = MAX_PICKLE_BYTES) -> int:
+def prescan(stream: io.BufferedIOBase | io.RawIOBase, limit: int = MAX_PICKLE_BYTES,
+            torchscript: bool = False) -> int:
     """Check one pickle's opcodes without building anything; return its length.
 
     Simulates the stack only as far as safety needs: which strings STACK_GLOBAL
@@ -604,7 +637,7 @@ def prescan(stream: io.BufferedIOBase | io.RawIOBase, limit: int = MAX_PICKLE_BY
     def check(module: object, name: object) -> None:
         if not isinstance(module, str) or not isinstance(name, str):
             raise Refused("STACK_GLOBAL with non-string operands")
-        why = check_global(module, name)
+        why = check_global(module, name, torchscript)
         if why:
             raise Refused(why, "forbidden")
 
@@ -708,23 +741,27 @@ class TorchUnpickler(pickle.Unpickler):
     """Resolves globals to stand-ins and storages to :class:`StorageRef`.
 
     ``legacy`` accepts the pre-1.6 persistent ids (six-field storages with a
-    view window, and ``('module', cls, file, source)``).
+    view window, and ``('module', cls, file, source)``); ``torchscript`` the
+    ``torch.jit._pickle`` helpers of a TorchScript data.pkl.
     """
 
     def __init__(self, data: bytes, legacy: bool = False,
-                 storages: dict[str, StorageRef] | None = None):
+                 storages: dict[str, StorageRef] | None = None, torchscript: bool = False):
         super().__init__(io.BytesIO(data), encoding="latin1")
         self.legacy = legacy
+        self.torchscript = torchscript
         self.storages: dict[str, StorageRef] = {} if storages is None else storages
         self._classes: dict[tuple[str, str], type[Opaque]] = {}
         self._views: dict[tuple[str, int, int], StorageRef] = {}
 
     def find_class(self, module: str, name: str) -> object:
-        why = check_global(module, name)
+        why = check_global(module, name, self.torchscript)
         if why:
             raise Refused(why, "forbidden")
         module = _PY2_MODULES.get(module, module)
         fixed = _FIXED.get((module, name))
+        if fixed is None and self.torchscript:
+            fixed = _TORCHSCRIPT_FIXED.get((module, name))
         if fixed is not None:
             return fixed
         cls = self._classes.get((module, name))
@@ -774,14 +811,14 @@ class TorchUnpickler(pickle.Unpickler):
 
 
 def load(data: bytes, legacy: bool = False,
-         storages: dict[str, StorageRef] | None = None) -> object:
+         storages: dict[str, StorageRef] | None = None, torchscript: bool = False) -> object:
     """Prescan, then unpickle ``data`` with stand-ins; any failure is :class:`Refused`."""
     if len(data) > MAX_PICKLE_BYTES:
         raise Refused(f"pickle of {len(data)} bytes exceeds the {MAX_PICKLE_BYTES} byte "
                       "limit", "too_large")
-    prescan(io.BytesIO(data))
+    prescan(io.BytesIO(data), torchscript=torchscript)
     try:
-        return TorchUnpickler(data, legacy, storages).load()
+        return TorchUnpickler(data, legacy, storages, torchscript).load()
     except Refused:
         raise
     except (MemoryError, RecursionError) as exc:

@@ -77,6 +77,9 @@ class TorchReaderBase(Reader):
             layout = torch_layout.interpret(root)
         except Refused as exc:
             raise self.error(exc.cause, exc.reason) from None
+        self._setup_layout(layout)
+
+    def _setup_layout(self, layout: torch_layout.Layout) -> None:
         skipped: dict[str, int] = {}
         aux: set[str] = set()
         assert self._file is not None
@@ -198,8 +201,13 @@ def _element_offsets(ref: TensorRef, start: int, stop: int) -> np.ndarray:
     return out
 
 
+_TITLES = {"torch": "torch.save", "torchscript": "TorchScript"}
+
+
 class TorchZipReader(TorchReaderBase):
     format = "torch"
+    # which archives this class reads (see :func:`looks_like_members`)
+    kind = "torch"
 
     def __init__(self, path: str):
         super().__init__(path)
@@ -211,13 +219,12 @@ class TorchZipReader(TorchReaderBase):
         assert f is not None
         self._entries = zipmember.read_directory(f)
         kind = looks_like_members(self._entries)
-        if kind == "torchscript":
-            raise self.error("TorchScript archive: used as the graph of the state_dicts "
-                             "beside it; its weights are not read (save a state_dict)",
-                             "unsupported")
-        if kind != "torch":
+        if kind is None:
             raise self.error("zip archive has no <root>/data.pkl: not a torch checkpoint",
                              "unsupported")
+        if kind != self.kind:
+            raise self.error(f"{_TITLES[kind]} archive, not a {_TITLES[self.kind]} one "
+                             "(formats.open_reader picks the right reader)", "unsupported")
         self._root = next(iter(self._entries)).split("/", 1)[0]
         order = self._entries.get(f"{self._root}/byteorder")
         if order is not None:
@@ -228,7 +235,7 @@ class TorchZipReader(TorchReaderBase):
         data = zipmember.read_member(f, self._member("data.pkl"),
                                      torch_pickle.MAX_PICKLE_BYTES)
         try:
-            root = torch_pickle.load(data)
+            root = torch_pickle.load(data, torchscript=self.kind == "torchscript")
         except Refused as exc:
             raise self.error(f"data.pkl: {exc.cause}", exc.reason) from None
         self._setup(root)
@@ -265,9 +272,8 @@ TORCH_PATTERNS = ("*.pt", "*.pth", "*.ckpt", "*.bin")
 
 
 def _sniff(probe: Probe) -> bool:
-    return probe.is_zip and looks_like_members(probe.members()) is not None
+    return probe.is_zip and looks_like_members(probe.members()) == "torch"
 
 
-# TorchScript archives sniff as torch too; the reader refuses them with a clear reason
 FORMAT = Format("torch", zipmember.looks_like, _sniff, TorchZipReader, zipmember.incomplete,
                 TORCH_PATTERNS)

@@ -20,7 +20,7 @@ import pytest
 
 from bnexporter.errors import CheckpointError
 from bnexporter.formats import torch_legacy, torch_pickle, zipmember
-from bnexporter.formats.sniff import incomplete
+from bnexporter.formats.sniff import incomplete, open_reader
 from bnexporter.formats.torch_legacy import TorchLegacyReader
 from bnexporter.formats.torch_zip import TorchZipReader, looks_like_members
 from tests.support import paths
@@ -261,12 +261,14 @@ def test_strided_read_touches_only_the_needed_span(monkeypatch):
         assert row.size == 24 and sum(seen) == 24 * 4
 
 
-def test_torchscript_archive_is_unsupported():
+def test_torchscript_archive_is_left_to_its_own_reader():
     path = os.path.join(FIXTURES, "torchscript_tiny.pt")
     with pytest.raises(CheckpointError) as exc:
         TorchZipReader(path)
     assert exc.value.reason == "unsupported" and "TorchScript" in str(exc.value)
     assert looks_like_members(zipfile.ZipFile(path).namelist()) == "torchscript"
+    with open_reader(path) as r:  # tests/formats/test_torchscript_pt2.py covers the rest
+        assert r.format == "torchscript" and "1.running_var" in r.names()
 
 
 def test_legacy_magic_and_member_detection():
