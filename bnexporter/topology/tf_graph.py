@@ -21,7 +21,8 @@ from bnexporter.errors import CheckpointError
 from bnexporter.formats import protowire as pw
 from bnexporter.topology import tf_functions
 from bnexporter.topology.graph import Graph, Node
-from bnexporter.topology.tf_functions import MAX_META, TFNode, parse_node_def
+from bnexporter.topology.tf_functions import MAX_META
+from bnexporter.topology.tf_nodes import TFNode, parse_node_def
 
 _VAR_OPS = {"VariableV2", "Variable", "VarHandleOp", "VarIsInitializedOp"}
 _READS = {"Identity", "ReadVariableOp", "Enter", "Snapshot", "Cast"}

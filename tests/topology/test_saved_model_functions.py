@@ -17,11 +17,11 @@ import pytest
 
 from bnexporter.errors import CheckpointError
 from bnexporter.formats.tf_bundle import TFBundleReader
-from bnexporter.topology import tf_functions, tf_graph
+from bnexporter.topology import tf_bnfold, tf_functions, tf_graph
 from bnexporter.topology.graph import Graph
 from bnexporter.topology.resolve import bn_contexts
-from bnexporter.topology.tf_functions import TFNode
 from bnexporter.topology.tf_graph import graph_from_graph_def
+from bnexporter.topology.tf_nodes import TFNode
 
 D = os.path.join(os.path.dirname(__file__), "..", "fixtures", "topology")
 SM = os.path.join(D, "k3_resnet_savedmodel")
@@ -154,7 +154,7 @@ def test_unfused_batch_norm_without_scale_is_folded() -> None:
              TFNode("bn/sub", "Sub", ["b", "bn/mul_2"]),
              TFNode("bn/add_1", "AddV2", ["bn/mul_1", "bn/sub"]),
              TFNode("relu", "Relu6", ["bn/add_1"])]
-    g = graph_from_graph_def(tf_functions.fuse_batchnorms(nodes))
+    g = graph_from_graph_def(tf_bnfold.fuse_batchnorms(nodes))
     by = g.by_name()
     bn = by["bn/add_1"]
     assert bn.op == "bn" and bn.inputs == ("conv",)
@@ -168,7 +168,7 @@ def test_arithmetic_that_is_not_a_batch_norm_stays() -> None:
              _const("eps", 1e-3),
              TFNode("add", "AddV2", ["v", "eps"]), TFNode("r", "Rsqrt", ["add"]),
              TFNode("y", "Mul", ["x", "r"])]
-    assert [n.op for n in tf_functions.fuse_batchnorms(nodes)] == \
+    assert [n.op for n in tf_bnfold.fuse_batchnorms(nodes)] == \
         ["Placeholder", "VarHandleOp", "Const", "AddV2", "Rsqrt", "Mul"]
 
 
