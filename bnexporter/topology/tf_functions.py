@@ -137,12 +137,14 @@ def _escape(name: str) -> str:
 def checkpoint_keys(sm: SavedModel) -> dict[int, str]:
     """Variable object id -> its bundle key: the breadth-first path from the root, as the
     checkpoint saver names it (``variables/3/.ATTRIBUTES/VARIABLE_VALUE``)."""
+    if not sm.objects:
+        return {}
     paths: dict[int, str] = {0: ""}
     queue = deque([0])
     while queue:
         nid = queue.popleft()
         for child, edge in sm.objects[nid][0]:
-            if child not in paths:
+            if child not in paths and 0 <= child < len(sm.objects):  # a broken id: no path
                 paths[child] = f"{paths[nid]}/{_escape(edge)}" if paths[nid] else _escape(edge)
                 queue.append(child)
     return {nid: paths[nid] + _VALUE_SUFFIX for nid, (_, var) in enumerate(sm.objects)

@@ -292,6 +292,22 @@ def target_tf_graph(graph: bytes) -> None:
 
 
 @guarded
+def target_saved_model(raw: bytes) -> None:
+    """saved_model.pb: the function library, object graph and inlining of every candidate."""
+    from bnexporter.topology import tf_functions, tf_graph
+
+    try:
+        sm = tf_functions.parse_saved_model(raw, "saved_model.pb")
+        if sm is None:
+            return
+        names = tf_functions.checkpoint_keys(sm)
+        for name in tf_functions.candidates(sm)[:3]:
+            tf_graph.graph_from_graph_def(tf_functions.flatten(sm, name, names, "f"))
+    except CheckpointError as exc:
+        check_error(exc)
+
+
+@guarded
 def target_h5(data: bytes) -> None:
     """In-process: only for atheris (a libhdf5 crash is what it is looking for)."""
     from bnexporter.formats.hdf5_keras import KerasH5Reader

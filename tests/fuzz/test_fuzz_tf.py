@@ -11,7 +11,12 @@ from hypothesis import strategies as st
 from bnexporter.formats import sstable
 from bnexporter.formats.tf_bundle import OBJECT_GRAPH_KEY
 from tests.fuzz import fuzz_support as fs
-from tests.fuzz.targets import target_sstable, target_tf_bundle, target_tf_graph
+from tests.fuzz.targets import (
+    target_saved_model,
+    target_sstable,
+    target_tf_bundle,
+    target_tf_graph,
+)
 from tests.hostile import builders as b
 
 BUNDLES = fs.tf_bundles()
@@ -79,3 +84,13 @@ def test_mutated_object_graphs_in_bundles(which, mutant):
 def test_mutated_shard_bytes(which, changes):
     index, shard = BUNDLES[which]
     target_tf_bundle(index, fs.apply_edits(shard, changes))
+
+
+SAVED_MODELS = [p.read_bytes() for p in sorted(fs.FIXTURES.glob("**/saved_model.pb"))]
+
+
+@fs.fuzz_settings(200)
+@given(fs.mutants(SAVED_MODELS, max_edits=3))
+def test_mutated_saved_model_functions(mutant):
+    """Mutated real saved_model.pb files through the function decoding and inlining."""
+    target_saved_model(mutant.data)
