@@ -21,10 +21,12 @@ construction.
 
 Work is done in cache-sized pieces (``PIECE_BYTES`` of raw data, a few hundred
 KB) on reused per-thread buffers, so every pass after the first reads from L2:
-one masking pass writes ``m``; max, the sign count and the "below 100 L" count
-read it; the few values below 10 L are compacted once and every low-band count
-comes from them. NaN / Inf and huge are only counted when the piece max says
-they exist. Filter sums of squares (conv / dense kernels) use float32 squares
+one masking pass writes ``m``; its max and one column-wise minimum over rows of
+``COLUMNS`` elements read it, and only the few columns holding a value below the
+lowest needed cut-off (L, or 100 L with the bands) are gathered: every low count,
+the zeros and min |w| come from those (:func:`_column_low`; a piece dense near
+zero takes direct compare passes instead). NaN / Inf and huge are only counted
+when the piece max says they exist. Filter sums of squares (conv / dense kernels) use float32 squares
 summed per piece and accumulated in float64 (float64 squares for float64
 tensors, and for float32 pieces whose magnitudes could overflow or underflow
 float32 squares).
@@ -219,7 +221,9 @@ class BitKernel:
             self.max_bits = mx
         if mx > sp.huge:
             self.huge += int(np.count_nonzero(np.greater(m, sp.huge, out=bl)))
-        low_nonzero_min = self._low(m, bl, n, bad, min_bits)
+        low = None if bad else _column_low(m, self.sp.top if self.bands else self.sp.tiny)
+        low_nonzero_min = self._low(m, bl, n, bad, min_bits) if low is None \
+            else self._low_from(*low)
         if self.sumsq is not None:
             self._squares(start, m, mx, low_nonzero_min)
 
@@ -262,6 +266,37 @@ class BitKernel:
             self._note_min(lowest)
         else:
             self._note_min(int(m.min()))
+        return lowest
+
+    def _low_from(self, lo: int, sel: np.ndarray) -> int | None:
+        """:meth:`_low` from a piece's minimum ``lo`` and ``sel``, a superset of its
+        values below the largest cut-off (see :func:`_column_low`). Returns the
+        smallest non-zero magnitude when it lies below L (else None)."""
+        sp = self.sp
+        if lo >= (sp.top if self.bands else sp.tiny):
+            self._note_min(lo)
+            return None
+        k1 = int(np.count_nonzero(sel < sp.tiny))
+        if self.bands:
+            k100 = int(np.count_nonzero(sel < sp.top))
+            k10 = int(np.count_nonzero(sel < sp.ten)) if k100 else 0
+        else:
+            k10 = k100 = k1
+        zeros = 0 if lo else sel.size - int(np.count_nonzero(sel))
+        lowest: int | None = None
+        if k1 > zeros:  # non-zero values below L: the smallest, deep, subnormal
+            nz = sel[(sel > 0) & (sel < sp.tiny)] if zeros or lo < sp.deep or lo < sp.small \
+                else None
+            lowest = lo if nz is None else int(nz.min())
+            if nz is not None:
+                if sp.deep:
+                    self.deep += int(np.count_nonzero(nz < sp.deep))
+                self.subnormal += int(np.count_nonzero(nz < sp.small))
+        self.zero += zeros
+        self.tiny += k1 - zeros
+        self.band1 += k10 - k1
+        self.band2 += k100 - k10
+        self._note_min(lo)
         return lowest
 
     def _below(self, m: np.ndarray, bl: np.ndarray, n: int, k1: int
@@ -336,6 +371,42 @@ class BitKernel:
         mx = bits_value(kind, self.max_bits)
         mn = bits_value(kind, self.min_bits) if self.min_bits is not None else math.inf
         return mx, mn
+
+
+# columns of the per-piece column minima (see _column_low): 2 Ki elements, 8-16 KB
+COLUMNS = 2048
+
+
+def _column_low(m: np.ndarray, cut: int) -> tuple[int, np.ndarray] | None:
+    """(min of ``m``, a superset of its values below ``cut``), or None where the
+    direct passes are cheaper (a short piece, or many values below ``cut``).
+
+    The piece is seen as rows of ``COLUMNS`` elements; one column-wise minimum
+    (a streaming pass, no bool array, no compaction of the whole piece) gives the
+    minimum and the few columns holding a value below ``cut``, and only those
+    columns are gathered. Healthy weights have a handful of values below 1/T per
+    piece, so the low counts then cost a few small array operations.
+    """
+    n = m.size
+    rows = n // COLUMNS
+    if rows < 8:
+        return None
+    head = m[: rows * COLUMNS].reshape(rows, COLUMNS)
+    tail = m[rows * COLUMNS:]
+    cm = np.minimum.reduce(head, axis=0, out=scratch().get("cm" + m.dtype.char, COLUMNS,
+                                                            m.dtype.type))
+    lo = int(cm.min())
+    if tail.size:
+        lo = min(lo, int(tail.min()))
+    if lo >= cut:
+        return lo, head[:0, 0]
+    cols = np.flatnonzero(cm < cut)
+    if cols.size * rows * 8 > n:  # dense near zero: direct passes
+        return None
+    sel = head[:, cols].reshape(-1)
+    if tail.size:
+        sel = np.concatenate((sel, tail[tail < cut]))
+    return lo, sel
 
 
 def _dot(x: np.ndarray) -> float:
