@@ -26,10 +26,10 @@ one masking pass writes ``m``; its max and one column-wise minimum over rows of
 lowest needed cut-off (L, or 100 L with the bands) are gathered: every low count,
 the zeros and min |w| come from those (:func:`_column_low`; a piece dense near
 zero takes direct compare passes instead). NaN / Inf and huge are only counted
-when the piece max says they exist. Filter sums of squares (conv / dense kernels) use float32 squares
-summed per piece and accumulated in float64 (float64 squares for float64
-tensors, and for float32 pieces whose magnitudes could overflow or underflow
-float32 squares).
+when the piece max says they exist. Filter sums of squares (conv / dense
+kernels) use float32 squares summed per piece and accumulated in float64 (float64
+squares for float64 tensors, and for float32 pieces whose magnitudes could overflow
+or underflow float32 squares).
 """
 
 from __future__ import annotations
