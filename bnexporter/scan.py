@@ -10,6 +10,8 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from bnexporter.detection import conv_moments
+from bnexporter.detection.ahead import Ahead, configured_threads
 from bnexporter.detection.analysis import TensorScan, TensorStats, Thresholds, classify_channels
 from bnexporter.detection.discovery import BNLayer, discover
 from bnexporter.detection.extremes import (
@@ -23,21 +25,25 @@ from bnexporter.detection.extremes import (
     never_updated_layers,
     role_of,
 )
+from bnexporter.detection.kernel import overwriting
 from bnexporter.detection.links import Link, find_links
 from bnexporter.detection.measured import measure, measure_distilled, sample_for
 from bnexporter.detection.order import model_order
 from bnexporter.detection.refine import (
     Arena,
     BNParams,
+    ConvInput,
+    Dist,
     KernelStats,
     Refined,
+    conv_inputs,
     kernel_matrix,
     refine_network,
 )
 from bnexporter.detection.refine import apply as apply_refined
 from bnexporter.errors import CheckpointError, printable
 from bnexporter.formats import dtypes
-from bnexporter.formats.base import DEFAULT_CHUNK_ELEMENTS, Reader, TensorInfo
+from bnexporter.formats.base import DEFAULT_CHUNK_ELEMENTS, RawExtent, Reader, TensorInfo
 from bnexporter.formats.sniff import open_reader
 from bnexporter.report import CheckpointReport, LayerReport, Summary, TensorReport, failed
 from bnexporter.steps import step_from_name
@@ -60,6 +66,8 @@ class ScanOptions:
     census_seconds: float = 60.0   # time budget of one census
     distill: bool = False          # without a sample: census over distilled inputs (opt-in)
     census_enabled: bool = True    # False: no census this time (the daemon's census.every)
+    # threads of one full scan (detection/ahead.py): 2 overlaps the refinement with the scan
+    threads: int = field(default_factory=configured_threads)
 
 
 def analyse_path(path: str, opts: ScanOptions | None = None,
@@ -89,6 +97,12 @@ def analyse_path(path: str, opts: ScanOptions | None = None,
 
 
 def _analyse(reader: Reader, opts: ScanOptions, progress: Progress | None) -> CheckpointReport:
+    with Ahead(1 if opts.bn_only else opts.threads) as ahead:
+        return _analyse_in(reader, opts, progress, ahead)
+
+
+def _analyse_in(reader: Reader, opts: ScanOptions, progress: Progress | None,
+                ahead: Ahead) -> CheckpointReport:
     th = opts.thresholds
     try:
         layers = discover(reader, opts.consumers, opts.eps)
@@ -96,6 +110,9 @@ def _analyse(reader: Reader, opts: ScanOptions, progress: Progress | None) -> Ch
         raise reader.error(f"cannot group BatchNorm tensors: {exc}") from None
     layers = model_order(layers, reader)  # the model's order, never alphabetical
     roles = bn_role_map(layers)
+    if ahead.threads > 1:  # the tensors the refinement does not read, scanned meanwhile
+        ahead.start(reader, reader.tensors(), _refine_reads(reader, layers, th),
+                    lambda info: _scan_tensor(reader, info, th, opts.chunk_elements, roles))
     # a full scan takes the statistics of each refined producer kernel from the
     # refinement's read of it: those bytes are read once, not twice
     scanned: dict[str, TensorStats] | None = None if opts.bn_only else {}
@@ -119,9 +136,12 @@ def _analyse(reader: Reader, opts: ScanOptions, progress: Progress | None) -> Ch
     total = sum(i.size * dtypes.itemsize(i.dtype) for i in infos)
     done = 0
     tensors: list[TensorReport] = []
+    early = ahead.finish()
     for info in infos:
-        tensors.append(_scan_tensor(reader, info, th, opts.chunk_elements, roles,
-                                    scanned.pop(info.name, None) if scanned else None))
+        report = early.get(info.name)
+        tensors.append(report if report is not None else _scan_tensor(
+            reader, info, th, opts.chunk_elements, roles,
+            scanned.pop(info.name, None) if scanned else None))
         done += info.size * dtypes.itemsize(info.dtype)
         if progress:
             progress(done, total)
@@ -147,6 +167,21 @@ def _refine(reader: Reader, layers: list[BNLayer], th: Thresholds, roles: dict[s
         return refine_layers(reader, layers, th.refine_kernel_max, scan)
     except (KeyError, ValueError, TypeError, IndexError, CheckpointError):
         return {}  # the plain estimate stands
+
+
+def _refine_reads(reader: Reader, layers: list[BNLayer], th: Thresholds) -> set[str]:
+    """The kernels :func:`refine_layers` may read and scan (float32 producers within
+    ``refine_kernel_max``): left to it, never to the scan's second thread."""
+    if not th.refine:
+        return set()
+    try:
+        links = find_links(reader, layers)
+        return {link.kernel for link in links.values()
+                if link.feed is not None and link.groups > 0
+                and reader.info(link.kernel).dtype == "float32"
+                and reader.info(link.kernel).size <= th.refine_kernel_max}
+    except (KeyError, ValueError, TypeError, IndexError, CheckpointError):
+        return set()
 
 
 def _analyse_layer(reader: Reader, layer: BNLayer, th: Thresholds,
@@ -202,9 +237,11 @@ def _scan_tensor(reader: Reader, info: TensorInfo, th: Thresholds, chunk: int,
     def run(full: bool) -> TensorStats:
         scan = _new_scan(reader, info, th, role, full)
         # cache-sized raw pieces into one reused buffer (the decoded chunks where the
-        # format has no contiguous bytes); ``chunk`` bounds the decoded fallback
-        for start, part in reader.iter_raw(info.name, min(chunk, scan.piece_elements)):
-            scan.update(start, part)
+        # format has no contiguous bytes); ``chunk`` bounds the decoded fallback. Each
+        # piece is dropped once scanned: the kernel may mask it in place
+        with overwriting():
+            for start, part in reader.iter_raw(info.name, min(chunk, scan.piece_elements)):
+                scan.update(start, part)
         return scan.result()
 
     # the band counts and the negatives matter to judge() only for a tensor with a
@@ -289,11 +326,52 @@ class _LazyProducer:
         self.buffer: np.ndarray | None = None
         self.arena: Arena | None = None
 
-    @property
-    def kernel(self) -> KernelStats:
+    def inputs(self, inf: Dist, train: Dist) -> tuple[ConvInput, ConvInput]:
+        rows = self._file_rows() if self.link.groups == 1 and self._scans is None else None
+        if rows is not None:  # BN-only: blocks read from the file into cache, no copy
+            src, keras, shape = rows
+            return conv_moments.streamed(src, keras, shape, inf, train, self.bias, self.arena)
         w = kernel_matrix(_read_kernel(self._reader, self.link.kernel, self.buffer,
                                        self._scans), self.link.layout)
-        return KernelStats.of(w, self.arena)
+        if self.link.groups == 1:  # one pass over the kernel, no kernel-sized sums
+            return conv_moments.conv_inputs(w, inf, train, self.bias, self.arena)
+        return conv_inputs(KernelStats.of(w, self.arena), self.link.groups, inf, train,
+                           self.bias)
+
+    def _file_rows(self) -> tuple[conv_moments.Rows, bool, tuple[int, int, int]] | None:
+        """The kernel as rows read from its bytes on disk, when it lies there as
+        native float32 in one run and its layout is a plain (torch / Keras) one."""
+        info = self._reader.info(self.link.kernel)
+        layout, shape = self.link.layout, info.shape
+        if info.dtype != "float32" or not info.size or layout not in ("torch", "keras") \
+                or len(shape) < 2 or self.arena is None:
+            return None
+        ext = self._reader.raw_extent(self.link.kernel)
+        if ext is None or ext.big_endian:
+            return None
+        if layout == "torch":
+            out, cin = shape[0], shape[1]
+            taps, keras = info.size // (out * cin), False
+            height, width = out, cin * taps
+        else:
+            cin, out = shape[-2], shape[-1]
+            taps, keras = info.size // (out * cin), True
+            height, width = taps * cin, out
+        return _FileRows(ext, height, width, self.arena), keras, (out, cin, taps)
+
+
+class _FileRows:
+    """Rows of a float32 matrix stored C-order at ``ext``, read into one reused buffer."""
+
+    def __init__(self, ext: RawExtent, height: int, width: int, arena: Arena):
+        self.ext, self.shape, self.arena = ext, (height, width), arena
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        width = self.shape[1]
+        out = self.arena.get("rows", (stop - start, width))
+        self.ext.file.readinto(self.ext.offset + 4 * start * width,
+                               out.reshape(-1).view(np.uint8))
+        return out
 
 
 def _read_kernel(reader: Reader, name: str, buffer: np.ndarray | None,

@@ -473,15 +473,21 @@ class Refined:
     x_k3: np.ndarray | float = 0.0
 
 
+def conv_inputs(ks: KernelStats, groups: int, inf: Dist, train: Dist,
+                bias: np.ndarray | None) -> tuple[ConvInput, ConvInput]:
+    """x in inference mode, and in training mode (mean and variances only)."""
+    return (conv_input(ks, groups, inf, bias),
+            conv_input(ks, groups, train, bias, variance_only=True))
+
+
 class ProducerLike(Protocol):
     """What the refinement reads of a producer: eager (:class:`Producer`) or lazy."""
 
     @property
     def link(self) -> Link: ...
-    @property
-    def kernel(self) -> KernelStats: ...
-    @property
-    def bias(self) -> np.ndarray | None: ...
+    def inputs(self, inf: Dist, train: Dist) -> tuple[ConvInput, ConvInput]:
+        """:func:`conv_inputs` of this producer's kernel and bias."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -495,6 +501,9 @@ class Producer:
     @staticmethod
     def of(link: Link, w: np.ndarray, bias: np.ndarray | None) -> Producer:
         return Producer(link, KernelStats.of(w), bias)
+
+    def inputs(self, inf: Dist, train: Dist) -> tuple[ConvInput, ConvInput]:
+        return conv_inputs(self.kernel, self.link.groups, inf, train, self.bias)
 
 
 def refine_network(params: Mapping[str, BNParams], producers: Mapping[str, ProducerLike],
@@ -601,12 +610,10 @@ class _Network:
         return None
 
     def _refine(self, bn: BNParams, prod: ProducerLike, train: Dist, inf: Dist) -> Refined:
-        ks, groups = prod.kernel, prod.link.groups
-        ci = conv_input(ks, groups, inf, prod.bias)
+        ci, ct = prod.inputs(inf, train)
         x_mean, x_var, skew = bn.mean, bn.var, np.zeros_like(bn.mean)
         if ci.moments:
             # the running variance (training mode) tells how alike the taps are
-            ct = conv_input(ks, groups, train, prod.bias, variance_only=True)
             rho = ct.rho(bn.var)
             if self.propagate:
                 vt, vi = ct.var(rho), ci.var(rho)
