@@ -71,6 +71,13 @@ def raw_buffer(nbytes: int) -> np.ndarray:
     return buf
 
 
+def in_raw_buffer(a: np.ndarray) -> bool:
+    """Whether ``a`` is a view of this thread's :func:`raw_buffer` (a piece that
+    :meth:`Reader.iter_raw` read and overwrites with the next one)."""
+    buf = getattr(_RAW_BUFFERS, "buf", None)
+    return buf is not None and a.base is buf
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     name: str
