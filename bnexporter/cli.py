@@ -14,7 +14,6 @@ from typing import NoReturn
 
 from bnexporter import scan_cli
 from bnexporter.buildinfo import version_text
-from bnexporter.daemon import commands
 
 EXIT_USAGE = scan_cli.EXIT_USAGE
 
@@ -41,6 +40,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         from bnexporter.topology.describe import main as describe_main
 
         return describe_main(args_list[1:])
+    if args_list[:1] == ["scan"]:
+        # the scan's own parser, as the subcommand's: the daemon's commands (logging,
+        # sockets, the web app's modules) are not imported for a one-off scan
+        return scan_cli.main(args_list[1:])
+    from bnexporter.daemon import commands
+
     p = Parser(prog="bnexporter",
                description="Find dying BatchNorm + ReLU channels in training checkpoints.")
     p.add_argument("--version", action=_Version, nargs=0,

@@ -71,8 +71,11 @@ class ScanOptions:
 
 
 def analyse_path(path: str, opts: ScanOptions | None = None,
-                 progress: Progress | None = None) -> CheckpointReport:
-    """Never raises for a bad file: the error is in the report."""
+                 progress: Progress | None = None,
+                 then: Callable[[CheckpointReport, Reader], None] | None = None
+                 ) -> CheckpointReport:
+    """Never raises for a bad file: the error is in the report. ``then`` is called with
+    the analysis and the still open reader (scan_cli's prune plan: no second open)."""
     opts = opts or ScanOptions()
     started = time.perf_counter()
     try:
@@ -84,6 +87,8 @@ def analyse_path(path: str, opts: ScanOptions | None = None,
     try:
         with open_reader(path) as reader:
             report = _analyse(reader, opts, progress)
+            if then is not None:
+                then(report, reader)
     except CheckpointError as exc:
         return failed(path, str(exc), exc.reason, step=step_from_name(path, opts.step_regex))
     except (MemoryError, RecursionError) as exc:

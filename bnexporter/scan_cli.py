@@ -16,16 +16,19 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from bnexporter.daemon.config import LAYER_DETAILS, ConfigError, MetricOptions
 from bnexporter.daemon.validate import analysis_from_flags
-from bnexporter.daemon.web import page
-from bnexporter.detection import prune
 from bnexporter.detection.analysis import Thresholds
+from bnexporter.errors import CheckpointError
+from bnexporter.formats.base import Reader
 from bnexporter.report import CLASS_NAMES, CheckpointReport
 from bnexporter.scan import ScanOptions, analyse_path
 from bnexporter.topology.consumers import PRESETS
+
+if TYPE_CHECKING:
+    from bnexporter.detection.prune import PrunePlan
 
 EXIT_OK, EXIT_FOUND, EXIT_UNREADABLE = 0, 1, 2
 EXIT_USAGE = 64          # sysexits.h EX_USAGE
@@ -152,10 +155,15 @@ def run(args: argparse.Namespace) -> int:
     opts = options_from_args(args)
     fmt = _output_format(args)
     reports = []
+    plans: list[PrunePlan | None] = []
+    want_plans = fmt == "json" or bool(args.html) or args.prune_plan
     tty = sys.stderr.isatty()
     for path in args.paths:
         progress = _progress_printer(path) if tty else None
-        report = analyse_path(path, opts, progress)
+        box: list[PrunePlan] = []
+        report = analyse_path(path, opts, progress,
+                              _plan_into(box, opts) if want_plans else None)
+        plans.append(box[0] if box and report.ok else None)
         if tty:
             sys.stderr.write("\r\033[K")
         if report.error:  # the one place an error is printed (JSON carries it too)
@@ -164,9 +172,9 @@ def run(args: argparse.Namespace) -> int:
         if fmt == "text" and not report.error and not args.prune_plan:
             sys.stdout.write(format_text(report, args.top) + "\n")
             sys.stdout.flush()
-    plans = [prune.for_path(r, opts.consumers, opts.eps) if r.ok else None for r in reports] \
-        if fmt == "json" or args.html or args.prune_plan else []
     if args.html:  # issue 15: a page to hand around, and what could be pruned
+        from bnexporter.daemon.web import page  # only here: ~10 ms of every start
+
         with open(args.html, "w", encoding="utf-8") as f:
             f.write(page.html_report(reports, plans))
     if args.prune_plan and fmt != "json":
@@ -191,6 +199,20 @@ def run(args: argparse.Namespace) -> int:
             textfile.write_textfiles(args.textfile, views)
     sys.stdout.flush()
     return exit_status(reports, args.fail_on)
+
+
+def _plan_into(box: list[PrunePlan], opts: ScanOptions
+               ) -> Callable[[CheckpointReport, Reader], None]:
+    """The prune plan, made while the analysis still has the checkpoint open (a second
+    open of an HDF5 file costs as much as the BN-only scan itself)."""
+    def then(report: CheckpointReport, reader: Reader) -> None:
+        from bnexporter.detection import prune
+
+        try:
+            box.append(prune.from_reader(report, reader, opts.consumers, opts.eps))
+        except (CheckpointError, OSError, MemoryError, RecursionError):
+            box.append(prune.plan(report))
+    return then
 
 
 def exit_status(reports: Sequence[CheckpointReport], fail_on: Sequence[str]) -> int:

@@ -69,6 +69,23 @@ def _erfc(x: np.ndarray) -> np.ndarray:
     return np.where(x >= 0, ans, 2.0 - ans)
 
 
+def median(x: np.ndarray) -> float:
+    """``float(np.median(x))`` of a non-empty 1-D array, same value (NaN if any is).
+
+    ``np.median`` imports ``numpy.ma`` on its first call (~8 ms of a BN-only start)
+    to check for masked arrays; this is its partition-and-mean, without that.
+    """
+    x = np.asarray(x).ravel()
+    n = x.size
+    if np.isnan(x).any():
+        return math.nan
+    k = n // 2
+    if n % 2:
+        return float(np.partition(x, k)[k])
+    part = np.partition(x, (k - 1, k))
+    return float((part[k - 1] + part[k]) / 2)
+
+
 def normal_cdf(z: np.ndarray) -> np.ndarray:
     """Phi(z), accurate in the far tails."""
     return 0.5 * _erfc(-np.asarray(z, dtype=np.float64) / math.sqrt(2.0))
@@ -104,7 +121,7 @@ def classify_channels(gamma: np.ndarray | None, beta: np.ndarray | None, mean: n
     p_active = np.where(finite, p_active, np.nan)
 
     abs_g = np.abs(g)
-    med_g = float(np.median(abs_g[np.isfinite(abs_g)])) if np.isfinite(abs_g).any() else 0.0
+    med_g = median(abs_g[np.isfinite(abs_g)]) if np.isfinite(abs_g).any() else 0.0
     collapsed = (gamma is not None) & finite & (
         (abs_g < th.gamma_abs) | (abs_g < th.gamma_rel * med_g))
     dead_input = finite & (v < th.dead_input_var * eps) & (

@@ -30,7 +30,13 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from bnexporter.detection.analysis import ChannelResult, Thresholds, indices, normal_cdf
+from bnexporter.detection.analysis import (
+    ChannelResult,
+    Thresholds,
+    indices,
+    median,
+    normal_cdf,
+)
 from bnexporter.detection.wiring import Feed, Link
 from bnexporter.report import RELU_LIKE
 
@@ -618,7 +624,7 @@ class _Network:
             if self.propagate:
                 vt, vi = ct.var(rho), ci.var(rho)
                 finite_vt = vt[np.isfinite(vt)]
-                scale = max(float(np.median(finite_vt)) if finite_vt.size else 0.0, 1e-30) * 1e-9
+                scale = max(median(finite_vt) if finite_vt.size else 0.0, 1e-30) * 1e-9
                 x_mean = bn.mean + (ci.mean - ct.mean)
                 x_var = bn.var * (vi + scale) / (vt + scale)
             if self.skew:

@@ -8,17 +8,21 @@ dead ReLU. Rules are ``fnmatch`` patterns on the layer name; the first match win
 from __future__ import annotations
 
 import fnmatch
+import json
 from dataclasses import dataclass, field
 from importlib import resources
 
-import yaml
-
 from bnexporter.topology.keras_graph import CONSUMERS
+
+# presets/torchvision.yaml is the file to edit (it has the comments); the scan reads its
+# JSON copy, so that no command but ``run`` imports a YAML parser (~15 ms of a start).
+# tests/topology/test_presets_json.py checks the two agree and rewrites the copy.
+PRESETS_YAML, PRESETS_JSON = "torchvision.yaml", "torchvision.json"
 
 
 def load_presets() -> dict[str, list[tuple[str, str]]]:
-    text = resources.files("bnexporter.topology.presets").joinpath("torchvision.yaml").read_text()
-    data = yaml.safe_load(text)
+    text = resources.files("bnexporter.topology.presets").joinpath(PRESETS_JSON).read_text()
+    data = json.loads(text)
     return {name: [(str(p), str(c)) for p, c in spec["rules"].items()]
             for name, spec in data.items()}
 

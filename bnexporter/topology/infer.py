@@ -50,6 +50,7 @@ stays ``unknown``, which is never counted as a dead ReLU.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Sequence
@@ -74,8 +75,12 @@ _PROJECT = re.compile(r"(^|[._/])(project|projection|project_bn|project_BN|pwl|b
 _SE_FC = re.compile(r"(^|[._/])fc[12][._/](weight|kernel)")  # torchvision's SE convs
 _SHORTCUT = re.compile(r"(^|[._/])(downsample|shortcut|proj|skip|residual)([._/]|$)", re.I)
 _NUMBERED = re.compile(r"^(bn|norm|n|batchnorm|batch_norm)(\d+)$", re.I)
-_GH_X, _GH_W = np.polynomial.hermite_e.hermegauss(48)
-_GH_W = _GH_W / _GH_W.sum()
+@functools.cache
+def _gauss_hermite() -> tuple[np.ndarray, np.ndarray]:
+    """48 nodes and normalised weights; on first use (``numpy.polynomial`` is ~3 ms
+    of every start otherwise)."""
+    x, w = np.polynomial.hermite_e.hermegauss(48)
+    return x, w / w.sum()
 
 
 class BNRef(Protocol):
@@ -205,15 +210,16 @@ def _e_relu(b: np.ndarray, s: np.ndarray, shift: float = 0.0) -> np.ndarray:
 
 def expectations(beta: np.ndarray, s: np.ndarray) -> dict[str, np.ndarray]:
     """E[h(y)], y ~ N(beta, s^2), for every candidate activation."""
-    y = beta[:, None] + s[:, None] * _GH_X[None, :]
+    gh_x, gh_w = _gauss_hermite()
+    y = beta[:, None] + s[:, None] * gh_x[None, :]
     sig = 1.0 / (1.0 + np.exp(-np.clip(y, -60, 60)))
     relu = _e_relu(beta, s)
     return {
         "linear": beta,
         "relu": relu,
         "relu6": relu - _e_relu(beta, s, 6.0),
-        "silu": (y * sig) @ _GH_W,
-        "hardswish": (y * np.clip(y + 3.0, 0.0, 6.0) / 6.0) @ _GH_W,
+        "silu": (y * sig) @ gh_w,
+        "hardswish": (y * np.clip(y + 3.0, 0.0, 6.0) / 6.0) @ gh_w,
     }
 
 
