@@ -25,6 +25,7 @@ from bnexporter.topology.tf_nodes import TFNode, parse_node_def
 MAX_META = 512 << 20     # bytes of saved_model.pb / a .meta
 MAX_NODES = 1 << 20        # inlined nodes per translation
 MAX_DEPTH = 48             # nested calls
+MAX_CALLS = 1 << 15        # calls inlined per translation (the Keras 3 export fixture: 2)
 _CALLS = {"StatefulPartitionedCall", "PartitionedCall"}
 _DT_RESOURCE = 20
 _VALUE_SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"
@@ -173,8 +174,8 @@ class _Inliner:
             raise CheckpointError(self.where, f"function calls nest deeper than {MAX_DEPTH}",
                                   "too_large")
         self.calls += 1
-        if self.calls > MAX_NODES:
-            raise CheckpointError(self.where, f"more than {MAX_NODES} function calls inlined",
+        if self.calls > MAX_CALLS:
+            raise CheckpointError(self.where, f"more than {MAX_CALLS} function calls inlined",
                                   "too_large")
         fn = self.functions[name]
         nodes = fn.nodes()
