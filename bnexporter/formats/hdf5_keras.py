@@ -17,6 +17,7 @@ import select
 import signal
 import threading
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
@@ -104,16 +105,18 @@ PROBE_SECONDS_PER_GB = 10.0
 
 
 def _probe_metadata(path: str, fileobj: io.IOBase | None, base_offset: int,
-                    member_size: int | None, direct_io: bool) -> None:
+                    member_size: int | None, direct_io: bool) -> dict[str, _Facts]:
+    """Walk the metadata in a child first; return what it learnt of each contiguous
+    dataset (the parent's own walk then asks libhdf5 only for the rest)."""
     if not hasattr(os, "fork") or threading.active_count() > 1:
-        return  # forking a threaded process could copy a held HDF5 lock: skip the probe
+        return {}  # forking a threaded process could copy a held HDF5 lock: skip the probe
     try:
         st = os.stat(path)
     except OSError:
-        return  # the parent's own open reports it
+        return {}  # the parent's own open reports it
     key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, base_offset, member_size)
     if key in _PROBED:
-        return  # this very file walked cleanly before (a daemon re-reading it)
+        return {}  # this very file walked cleanly before (a daemon re-reading it)
     size = member_size if member_size is not None else st.st_size
     limit = PROBE_SECONDS + PROBE_SECONDS_PER_GB * size / 2**30
     deadline = time.monotonic() + limit
@@ -122,21 +125,24 @@ def _probe_metadata(path: str, fileobj: io.IOBase | None, base_offset: int,
     if pid == 0:  # the child: walk everything the parent may touch, then leave at once
         os.close(rfd)
         try:
-            with KerasH5Reader(path, fileobj, base_offset, member_size, direct_io,
-                               probe=False) as reader:
-                reader.tensors()
+            _walk_and_report(path, fileobj, base_offset, member_size, direct_io, wfd)
         except BaseException:  # the parent repeats the walk and reports any error
             pass
         finally:
             os._exit(0)
     # the child's exit closes the pipe's write end: wake at once, not on a polling tick
     os.close(wfd)
+    report: list[bytes] = []
     try:
         while True:
             left = deadline - time.monotonic()
             ready = select.select([rfd], [], [], max(left, 0.0))[0] if left > 0 else []
-            if ready and not os.read(rfd, 64):
-                break
+            if ready:
+                got = os.read(rfd, 1 << 16)
+                if not got:
+                    break
+                report.append(got)
+                continue
             if not ready:
                 os.kill(pid, signal.SIGKILL)
                 os.waitpid(pid, 0)
@@ -150,6 +156,59 @@ def _probe_metadata(path: str, fileobj: io.IOBase | None, base_offset: int,
         raise CheckpointError(path, f"libhdf5 crashed reading the metadata (signal "
                               f"{os.WTERMSIG(status)})", "corrupt")
     _PROBED.add(key)
+    return _Facts.load(b"".join(report))
+
+
+def _walk_and_report(path: str, fileobj: io.IOBase | None, base_offset: int,
+                     member_size: int | None, direct_io: bool, fd: int) -> None:
+    """In the child: open every dataset (past a failing one: the parent may still
+    touch the others), then write the facts of the contiguous ones to ``fd``."""
+    reader = KerasH5Reader(path, fileobj, base_offset, member_size, direct_io, probe=False,
+                           record=True)
+    try:
+        record = reader._record if reader._record is not None else {}
+        for name in list(reader.names()):
+            try:
+                reader.info(name)
+            except (CheckpointError, KeyError):
+                continue
+    finally:
+        reader.close()
+    data = _Facts.dump(record)
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+@dataclass(frozen=True)
+class _Facts:
+    """What libhdf5 said about one contiguous, numeric dataset: enough for the parent
+    to register it without opening it (the child opened it cleanly, with a deadline).
+    Only the answers are carried over; every check on them runs in the parent."""
+
+    where: str
+    dtype: str
+    shape: tuple[int, ...]
+    addr: int
+    offset: int
+    bf16: bool
+    big: bool
+
+    @staticmethod
+    def dump(facts: dict[str, _Facts]) -> bytes:
+        return json.dumps({k: [f.where, f.dtype, list(f.shape), f.addr, f.offset, f.bf16,
+                               f.big] for k, f in facts.items()}).encode()
+
+    @staticmethod
+    def load(data: bytes) -> dict[str, _Facts]:
+        """The child's report; anything malformed is dropped (the parent asks libhdf5)."""
+        try:
+            raw = json.loads(data) if data else {}
+            return {str(k): _Facts(str(v[0]), str(v[1]), tuple(int(d) for d in v[2]),
+                                   int(v[3]), int(v[4]), bool(v[5]), bool(v[6]))
+                    for k, v in raw.items()}
+        except (ValueError, TypeError, IndexError, KeyError, AttributeError):
+            return {}
 
 
 _PROBED: set[tuple[int, int, int, int, int, int | None]] = set()
@@ -174,13 +233,19 @@ class KerasH5Reader(Reader):
 
     def __init__(self, path: str, fileobj: io.IOBase | None = None, base_offset: int = 0,
                  member_size: int | None = None, direct_io: bool = True,
-                 probe: bool = True):
+                 probe: bool = True, record: bool = False):
         """``fileobj``/``base_offset``/``member_size`` describe an HDF5 file stored
         inside another file (a ``.keras`` zip member); ``direct_io=False`` when that
-        member is compressed, so byte offsets inside it mean nothing on disk."""
+        member is compressed, so byte offsets inside it mean nothing on disk.
+        ``probe``: walk the metadata in a forked child first (B20); ``record``: be that
+        child, collecting what the parent may take over (:class:`_Facts`)."""
         super().__init__(path)
+        # the probe child's answers for contiguous datasets; ``_record``: the child's
+        # own collection of them
+        self._known: dict[str, _Facts] = {}
+        self._record: dict[str, _Facts] | None = {} if record else None
         if probe:
-            _probe_metadata(path, fileobj, base_offset, member_size, direct_io)
+            self._known = _probe_metadata(path, fileobj, base_offset, member_size, direct_io)
         self._direct = direct_io
         self._base = base_offset
         self._datasets: dict[str, h5py.Dataset] = {}
@@ -319,27 +384,46 @@ class KerasH5Reader(Reader):
                 aux.add(name)
         self.meta.auxiliary = frozenset(aux)
 
-    def _add(self, name: str, dsid: h5py.h5d.DatasetID, where: str) -> bool:
-        """Register one dataset; False when it holds no numeric tensor."""
-        dtype = self._dtype_of(name, dsid, where)
-        if dtype is None:
-            return False
-        shape = tuple(int(d) for d in dsid.shape)
+    def _add(self, name: str, dsid: h5py.h5d.DatasetID | None, where: str) -> bool:
+        """Register one dataset; False when it holds no numeric tensor. Without
+        ``dsid``: a contiguous dataset the probe child described (``_known``)."""
+        known = self._known.get(name) if self._direct else None
+        if known is not None and known.where == where:
+            dtype: str | None = known.dtype
+            if known.bf16:
+                self._bf16.add(name)
+            if known.big:
+                self._big.add(name)
+            shape, addr, offset = known.shape, known.addr, known.offset
+        else:
+            if dsid is None:
+                raise KeyError(name)
+            dtype = self._dtype_of(name, dsid, where)
+            if dtype is None:
+                return False
+            shape = tuple(int(d) for d in dsid.shape)
+            addr = h5py.h5o.get_info(dsid).addr
+            offset = None
+        assert dtype is not None
         info = TensorInfo(name, shape, dtype)
         nbytes = info.size * dtypes.itemsize(dtype)
-        addr = h5py.h5o.get_info(dsid).addr
         if addr in self._seen:
             raise self.error(f"dataset {where} is another hard link to {self._seen[addr]}: "
                              "aliased datasets are refused")
         self._seen[addr] = where
-        plist = dsid.get_create_plist()
-        layout = plist.get_layout()
-        if layout == h5py.h5d.VIRTUAL or plist.get_external_count():
-            raise self.error(f"dataset {where} keeps its data outside this file (virtual or "
-                             "external storage): refused", "forbidden")
-        contiguous = (self._direct and layout == h5py.h5d.CONTIGUOUS
-                      and plist.get_nfilters() == 0)
-        offset = dsid.get_offset() if contiguous else None
+        if known is None or known.where != where:
+            assert dsid is not None
+            plist = dsid.get_create_plist()
+            layout = plist.get_layout()
+            if layout == h5py.h5d.VIRTUAL or plist.get_external_count():
+                raise self.error(f"dataset {where} keeps its data outside this file (virtual "
+                                 "or external storage): refused", "forbidden")
+            contiguous = (self._direct and layout == h5py.h5d.CONTIGUOUS
+                          and plist.get_nfilters() == 0)
+            offset = dsid.get_offset() if contiguous else None
+            if offset is not None and self._record is not None:
+                self._record[name] = _Facts(where, dtype, shape, addr, offset,
+                                            name in self._bf16, name in self._big)
         if offset is not None:
             assert self._range is not None
             if offset + nbytes > self._range.size:
@@ -352,6 +436,7 @@ class KerasH5Reader(Reader):
                                  f"bytes in a file of {self._range.size}: they overlap")
             self._offsets[name] = offset
         else:
+            assert dsid is not None
             stored = dsid.get_storage_size()
             if nbytes > stored * _MAX_INFLATION + (1 << 20):
                 raise self.error(f"dataset {where} declares shape {shape} ({nbytes} bytes) "
@@ -394,6 +479,10 @@ class KerasH5Reader(Reader):
         pending = self._pending.pop(name, None)
         if pending is not None:
             gid, wname = pending
+            known = self._known.get(name) if self._direct else None
+            if known is not None:  # walked by the probe child: no libhdf5 call here
+                self._add(name, None, known.where)
+                return super().info(name)
             try:
                 where = f"{_text(h5py.h5i.get_name(gid) or b'')}/{wname}"
                 self._open_pending(name, gid, wname, where)
