@@ -196,18 +196,14 @@ def _elementwise(blk: np.ndarray, a: Arena, vectors: list[np.ndarray],
     def prod(x: np.ndarray, v: np.ndarray) -> np.ndarray:
         return v.T @ x if transposed else x @ v
 
-    p = _positive(blk, a.get("p", blk.shape))
+    # 2 max(w, 0) = w + |w| and 2 min(w, 0) = w - |w|, exactly; halving the products
+    # is exact too (a power of two), so they equal those of max / min
+    p = np.abs(blk, out=a.get("p", blk.shape))
     n = np.subtract(blk, p, out=a.get("n", blk.shape))
-    out = [("mean", prod(blk, means)), ("pos", prod(p, ranges)), ("neg", prod(n, ranges))]
+    np.add(blk, p, out=p)
+    out = [("mean", prod(blk, means)), ("pos", prod(p, ranges) * np.float32(0.5)),
+           ("neg", prod(n, ranges) * np.float32(0.5))]
     q = np.multiply(blk, blk, out=p)
     out.append(("var_ind", prod(q, variances)))
     out.append(("k3_ind", prod(np.multiply(q, blk, out=n), cubes)))
     return out
-
-
-def _positive(x: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """max(x, 0), exactly: (x + |x|) / 2 is x or 0 in float arithmetic, and abs / add /
-    multiply are several times faster than numpy's NaN-aware maximum."""
-    np.abs(x, out=out)
-    np.add(out, x, out=out)
-    return np.multiply(out, np.float32(0.5), out=out)
