@@ -23,6 +23,7 @@ Everything is pure numpy on arrays the caller read; no I/O.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -71,18 +72,23 @@ class BNParams:
         v = np.maximum(np.asarray(var, np.float64), 0.0)
         return BNParams(g, b, m, v, float(eps))
 
-    @property
+    # computed once per layer (the refinement asks for them several times per layer)
+    @functools.cached_property
     def sd(self) -> np.ndarray:
         return np.sqrt(self.var + self.eps)
 
-    @property
+    @functools.cached_property
     def s(self) -> np.ndarray:
         """Std of the BN output under the plain model."""
         return np.abs(self.gamma) * np.sqrt(self.var) / self.sd
 
-    def finite(self) -> bool:
+    @functools.cached_property
+    def _finite(self) -> bool:
         return bool(np.isfinite(self.gamma).all() and np.isfinite(self.beta).all()
                     and np.isfinite(self.mean).all() and np.isfinite(self.var).all())
+
+    def finite(self) -> bool:
+        return self._finite
 
 
 @dataclass
@@ -621,14 +627,14 @@ class _Network:
         if ci.moments:
             # the running variance (training mode) tells how alike the taps are
             rho = ct.rho(bn.var)
+            vi = ci.var(rho)
             if self.propagate:
-                vt, vi = ct.var(rho), ci.var(rho)
+                vt = ct.var(rho)
                 finite_vt = vt[np.isfinite(vt)]
                 scale = max(median(finite_vt) if finite_vt.size else 0.0, 1e-30) * 1e-9
                 x_mean = bn.mean + (ci.mean - ct.mean)
                 x_var = bn.var * (vi + scale) / (vt + scale)
             if self.skew:
-                vi = ci.var(rho)
                 with np.errstate(divide="ignore", invalid="ignore"):
                     skew = np.where(vi > 0, ci.k3(rho) / np.maximum(vi, 1e-300) ** 1.5, 0.0)
                 skew = np.where(np.isfinite(skew), skew, 0.0)
