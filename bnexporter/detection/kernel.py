@@ -21,8 +21,8 @@ construction.
 
 Work is done in cache-sized pieces (``PIECE_BYTES`` of raw data, a few hundred
 KB) on reused per-thread buffers, so every pass after the first reads from L2:
-one masking pass writes ``m``; its max and one column-wise minimum over rows of
-``COLUMNS`` elements read it, and only the few columns holding a value below the
+one masking pass writes ``m``; its max and one column-wise minimum over ``ROWS``
+rows read it, and only the few columns holding a value below the
 lowest needed cut-off (L, or 100 L with the bands) are gathered: every low count,
 the zeros and min |w| come from those (:func:`_column_low`; a piece dense near
 zero takes direct compare passes instead). NaN / Inf and huge are only counted
@@ -394,27 +394,29 @@ class BitKernel:
         return mx, mn
 
 
-# columns of the per-piece column minima (see _column_low): 2 Ki elements, 8-16 KB
-COLUMNS = 2048
+# the column view of a piece (see _column_low): ROWS rows of n // ROWS columns; a piece
+# too short for MIN_COLUMNS takes the direct passes
+ROWS = 32
+MIN_COLUMNS = 256
 
 
 def _column_low(m: np.ndarray, cut: int) -> tuple[int, np.ndarray] | None:
     """(min of ``m``, a superset of its values below ``cut``), or None where the
     direct passes are cheaper (a short piece, or many values below ``cut``).
 
-    The piece is seen as rows of ``COLUMNS`` elements; one column-wise minimum
-    (a streaming pass, no bool array, no compaction of the whole piece) gives the
-    minimum and the few columns holding a value below ``cut``, and only those
-    columns are gathered. Healthy weights have a handful of values below 1/T per
-    piece, so the low counts then cost a few small array operations.
+    The piece is seen as ``ROWS`` rows; one column-wise minimum (a streaming pass,
+    no bool array, no compaction of the whole piece) gives the minimum and the few
+    columns holding a value below ``cut``, and only those columns are gathered.
+    Healthy weights have a handful of values below 1/T per piece, so the low counts
+    then cost a few small array operations.
     """
     n = m.size
-    rows = n // COLUMNS
-    if rows < 8:
+    width = n // ROWS
+    if width < MIN_COLUMNS:
         return None
-    head = m[: rows * COLUMNS].reshape(rows, COLUMNS)
-    tail = m[rows * COLUMNS:]
-    cm = np.minimum.reduce(head, axis=0, out=scratch().get("cm" + m.dtype.char, COLUMNS,
+    head = m[: ROWS * width].reshape(ROWS, width)
+    tail = m[ROWS * width:]
+    cm = np.minimum.reduce(head, axis=0, out=scratch().get("cm" + m.dtype.char, width,
                                                             m.dtype.type))
     lo = int(cm.min())
     if tail.size:
@@ -422,7 +424,7 @@ def _column_low(m: np.ndarray, cut: int) -> tuple[int, np.ndarray] | None:
     if lo >= cut:
         return lo, head[:0, 0]
     cols = np.flatnonzero(cm < cut)
-    if cols.size * rows * 8 > n:  # dense near zero: direct passes
+    if cols.size * 16 > width:  # dense near zero: direct passes
         return None
     sel = head[:, cols].reshape(-1)
     if tail.size:

@@ -15,10 +15,11 @@ from tests.detection.test_kernel import TH, _store, decode, reference, scan
 DTYPES = ["float32", "float16", "bfloat16", "float64"]
 
 
-@pytest.fixture(params=[(16, 4096), (2048, kernel.PIECE_BYTES), (7, 1000)])
+@pytest.fixture(params=[(4, 2, 4096), (32, 256, kernel.PIECE_BYTES), (7, 3, 1000)])
 def columns(request, monkeypatch):
-    cols, piece = request.param
-    monkeypatch.setattr(kernel, "COLUMNS", cols)
+    rows, width, piece = request.param
+    monkeypatch.setattr(kernel, "ROWS", rows)
+    monkeypatch.setattr(kernel, "MIN_COLUMNS", width)
     monkeypatch.setattr(kernel, "PIECE_BYTES", piece)
     return request.param
 
