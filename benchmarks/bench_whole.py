@@ -11,7 +11,7 @@ rounds and the median of the per-round ratios against ``numpy`` (``python -c 'im
 numpy'``) or ``cat`` (for the full scan). CPU is user + sys of the child (``wait4``),
 peak RSS its ``ru_maxrss`` (this runner imports nothing heavy: ~10 MB of it may be
 the runner's own, inherited through vfork). bnexporter is run as ``python -m
-bnexporter scan FILE --bn-only [--no-refine] --json``; its answer (layers, dead) is
+bnexporter scan FILE --bn-only [--no-refine]``; its answer (layers, dead) is
 checked against the peer's. The format comes from the file name (synth.py's suffixes).
 """
 
@@ -30,11 +30,17 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 PEER = {".safetensors": "safetensors", ".pt": "torch"}
+# children get cached bytecode, as an installed package has (pip compiles on install):
+# with PYTHONDONTWRITEBYTECODE (set in this environment) every start would compile every
+# bnexporter module again, ~150 ms that no deployment pays
+ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+ENV.setdefault("PYTHONPYCACHEPREFIX", os.path.join(
+    os.environ.get("TMPDIR", "/tmp"), "bnexporter-bench-pycache"))
 
 
 def run(cmd: list[str], stdout: int | None = subprocess.PIPE) -> dict[str, Any]:
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=stdout, stderr=subprocess.PIPE, cwd=REPO)
+    proc = subprocess.Popen(cmd, stdout=stdout, stderr=subprocess.PIPE, cwd=REPO, env=ENV)
     out, err = proc.communicate()
     wall = time.perf_counter() - t0
     # communicate() reaped the child: its rusage comes from RUSAGE_CHILDREN deltas
@@ -56,7 +62,7 @@ def peak_rss(cmd: list[str]) -> float:
     """The child's own peak RSS (VmHWM via /usr/bin/time when there, else ru_maxrss)."""
     if os.access("/usr/bin/time", os.X_OK):
         p = subprocess.run(["/usr/bin/time", "-f", "%M", *cmd], stdout=subprocess.DEVNULL,
-                           stderr=subprocess.PIPE, text=True, cwd=REPO)
+                           stderr=subprocess.PIPE, text=True, cwd=REPO, env=ENV)
         return int(p.stderr.strip().splitlines()[-1]) / 1024.0
     return float("nan")
 
@@ -66,9 +72,9 @@ def commands(path: str, kinds: list[str], fw: str | None) -> dict[str, list[str]
     suffix = Path(path).suffix
     files = [path, path[: -len(".index")] + ".data-00000-of-00001"] if suffix == ".index" \
         else [path]
-    # timed with the default text output: ``--json`` writes every channel's estimate
-    # (~0.3 s for 155 layers, scan_cli / report.to_json); the answer is checked from
-    # one extra, untimed ``--json`` run
+    # timed with the default text output; the answer is checked from one extra, untimed
+    # ``--json`` run (``--json`` adds the prune plan, ~50 ms for 155 layers; it cost
+    # ~0.3 s, an HDF5 file opened a second time, before issue 16 part 4)
     scan = [py, "-m", "bnexporter", "scan", path]
     table = {
         "pass": [py, "-c", "pass"],
