@@ -24,8 +24,11 @@ from bnexporter.formats.spec import Format, Probe
 from bnexporter.formats.torch_pickle import MAX_NAME, StorageRef, TensorRef
 from bnexporter.formats.torch_zip import TorchReaderBase
 
-MAX_CONFIG = 64 << 20
-MAX_PROGRAM = 64 << 20
+# json.loads makes ~20x its input in Python objects (64 MB of "[]," took 1.7 GB), and a
+# deflated member of that size is a few KB: keep both under a worker's memory budget.
+# Real ones: ~300 bytes per weight in the config, ~2.5 KB per graph node in the program.
+MAX_CONFIG = 16 << 20
+MAX_PROGRAM = 16 << 20
 MAX_DIMS = 64
 # torch._export.serde.schema.ScalarType
 SCALAR_TYPES = {
@@ -122,6 +125,7 @@ class TorchExportReader(TorchReaderBase):
         for what, count in sorted(skipped.items()):
             layout.notes.append(f"skipped {count} weight(s): {what}")
         layout.tensors = _module_order(layout.tensors)
+        del config, payloads  # the program's objects are built next: not both at once
         program = entries.get(f"{root}/models/{model}.json")
         if program is not None and program.file_size <= MAX_PROGRAM:
             layout.bn_eps = _bn_eps(self._json(zipmember.read_member(f, program, MAX_PROGRAM),
@@ -177,18 +181,21 @@ class TorchExportReader(TorchReaderBase):
 def _module_order(tensors: dict[str, TensorRef]) -> dict[str, TensorRef]:
     """The config lists every parameter before any buffer; ``state_dict()`` lists a
     module's own tensors, then its children's. Rank a module by the first tensor at or
-    under it (ancestors before descendants), so the names come out in that order."""
-    rank: dict[str, int] = {}
+    under it (ancestors before descendants), so the names come out in that order.
+    Modules are numbered per (parent, name part), never keyed by their whole dotted path:
+    a name of n parts costs n steps, not n**2 characters."""
+    ids: dict[tuple[int, str], int] = {}
+    rank = {0: 0}  # module id -> first tensor at or under it; 0 is the root
+    keys: list[tuple[int, int, int]] = []
     for i, name in enumerate(tensors):
+        module = 0
         parts = name.split(".")[:-1]
-        for depth in range(len(parts) + 1):
-            rank.setdefault(".".join(parts[:depth]), i)
-
-    def key(item: tuple[int, str]) -> tuple[int, int, int]:
-        module = item[1].rpartition(".")[0]
-        return rank[module], module.count(".") + bool(module), item[0]
-
-    return {name: tensors[name] for _, name in sorted(enumerate(tensors), key=key)}
+        for part in parts:
+            module = ids.setdefault((module, part), len(ids) + 1)
+            rank.setdefault(module, i)
+        keys.append((rank[module], len(parts), i))
+    names = list(tensors)
+    return {names[i]: tensors[names[i]] for *_, i in sorted(keys)}
 
 
 def _bn_eps(doc: Any) -> dict[str, float]:

@@ -27,9 +27,8 @@ class TorchScriptReader(TorchZipReader):
     kind = "torchscript"
 
     def _setup(self, root: object) -> None:
-        classes = self._classes()
         try:
-            layout = torchscript_layout.interpret(root, classes)
+            layout = torchscript_layout.interpret(root, self._classes())
         except Refused as exc:
             raise self.error(exc.cause, exc.reason) from None
         self._setup_layout(layout)
