@@ -47,6 +47,8 @@ def _const_float(by: dict[str, TFNode], ref: str) -> float | None:
         if not vals:
             return None
         last = vals[-1]
+        if isinstance(last, int) and last >= 1 << (8 * width):
+            return None  # a varint wider than the float (to_bytes: OverflowError)
         raw = last.to_bytes(width, "little") if isinstance(last, int) else last[-width:]
     return float(struct.unpack(fmt, raw)[0]) if len(raw) == width else None
 
@@ -57,8 +59,10 @@ def _users(users: dict[str, list[TFNode]], n: TFNode) -> list[TFNode]:
 
 def _other_input(n: TFNode, name: str) -> str | None:
     """The input of a binary op that is not ``name``."""
+    if len(n.inputs) != 2:  # checked first: a wide node shared by many Rsqrts is quadratic
+        return None
     rest = [i for i in n.inputs if i.split(":")[0] != name]
-    return rest[0] if len(n.inputs) == 2 and len(rest) == 1 else None
+    return rest[0] if len(rest) == 1 else None
 
 
 def _match_bn(r: TFNode, by: dict[str, TFNode], users: dict[str, list[TFNode]]
@@ -98,6 +102,7 @@ def _match_bn(r: TFNode, by: dict[str, TFNode], users: dict[str, list[TFNode]]
             return None
     out = _users(users, sub)
     if len(out) != 1 or out[0].op not in ("Add", "AddV2") or _users(users, scale_x) != out \
+            or len(out[0].inputs) != 2 \
             or {i.split(":")[0] for i in out[0].inputs} != {scale_x.name, sub.name}:
         return None
     assert mean is not None and x is not None

@@ -20,12 +20,19 @@ from dataclasses import dataclass, field
 from bnexporter.errors import CheckpointError
 from bnexporter.formats import protowire as pw
 from bnexporter.topology.tf_bnfold import fuse_batchnorms
-from bnexporter.topology.tf_nodes import TFNode, parse_node_def
+from bnexporter.topology.tf_nodes import TFNode, output_index, parse_node_def
 
 MAX_META = 512 << 20     # bytes of saved_model.pb / a .meta
 MAX_NODES = 1 << 20        # inlined nodes per translation
 MAX_DEPTH = 48             # nested calls
 MAX_CALLS = 1 << 15        # calls inlined per translation (the Keras 3 export fixture: 2)
+# nodes + inputs walked per translation, every inlined copy counted: a call node's inputs
+# are walked and a body's nodes copied each time it is inlined, so 32k calls of a body
+# with one 200k-input node were 6.5 G steps (the Keras 3 export fixture: 232)
+MAX_WORK = 1 << 22
+MAX_KEY = 4096             # characters of one object path (checkpoint key)
+MAX_KEYS = 1 << 24         # characters of all of them: a 300 KB chain of 20k objects made
+                           # paths of 772 MB
 _CALLS = {"StatefulPartitionedCall", "PartitionedCall"}
 _DT_RESOURCE = 20
 _VALUE_SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"
@@ -40,12 +47,19 @@ class Function:
     raw_nodes: list[bytes]
     where: str
     _nodes: list[TFNode] | None = field(default=None, repr=False)
+    _work: int = field(default=0, repr=False)
 
     def nodes(self) -> list[TFNode]:
         if self._nodes is None:
             self._nodes = [parse_node_def(pw.parse(r, self.where), self.where)
                            for r in self.raw_nodes]
+            self._work = len(self._nodes) + sum(len(n.inputs) for n in self._nodes)
         return self._nodes
+
+    def work(self) -> int:
+        """Nodes plus inputs of the body: what inlining it once walks."""
+        self.nodes()
+        return self._work
 
 
 @dataclass
@@ -142,11 +156,16 @@ def checkpoint_keys(sm: SavedModel) -> dict[int, str]:
         return {}
     paths: dict[int, str] = {0: ""}
     queue = deque([0])
+    total = 0
     while queue:
         nid = queue.popleft()
         for child, edge in sm.objects[nid][0]:
             if child not in paths and 0 <= child < len(sm.objects):  # a broken id: no path
-                paths[child] = f"{paths[nid]}/{_escape(edge)}" if paths[nid] else _escape(edge)
+                path = f"{paths[nid]}/{_escape(edge)}" if paths[nid] else _escape(edge)
+                total += len(path)
+                if len(path) > MAX_KEY or total > MAX_KEYS:
+                    continue  # no real key is this long: the object stays unnamed
+                paths[child] = path
                 queue.append(child)
     return {nid: paths[nid] + _VALUE_SUFFIX for nid, (_, var) in enumerate(sm.objects)
             if var is not None and nid in paths}
@@ -160,6 +179,7 @@ class _Inliner:
         self.where = where
         self.out: list[TFNode] = []
         self.calls = 0
+        self.work = 0
 
     def callee(self, n: TFNode) -> str | None:
         if n.op in _CALLS:
@@ -179,6 +199,10 @@ class _Inliner:
                                   "too_large")
         fn = self.functions[name]
         nodes = fn.nodes()
+        self.work += fn.work()
+        if self.work > MAX_WORK:
+            raise CheckpointError(self.where, f"inlining walks more than {MAX_WORK} nodes and "
+                                  "inputs", "too_large")
         local = {n.name: n for n in nodes}
         called: dict[str, list[str]] = {}
 
@@ -188,8 +212,7 @@ class _Inliner:
                 if inp in args:
                     return args[inp]
                 return prefix + inp if inp in local else ""
-            last = parts[-1]
-            base, idx = parts[0], int(last) if last.isascii() and last.isdigit() else 0
+            base, idx = parts[0], output_index(parts[-1])
             if base in called:
                 return called[base][idx] if idx < len(called[base]) else ""
             n = local.get(base)
@@ -199,7 +222,7 @@ class _Inliner:
                 idx += 1  # batch_mean, batch_variance, ...: never the normalised output
             return prefix + base + (f":{idx}" if idx else "")
 
-        for n in _local_order(nodes, local):
+        for n in _local_order(local):
             callee = self.callee(n)
             if callee is not None:
                 inner = self.functions[callee]
@@ -214,8 +237,11 @@ class _Inliner:
         return [ref(fn.ret.get(o, "")) for o in fn.outputs]
 
 
-def _local_order(nodes: list[TFNode], local: dict[str, TFNode]) -> list[TFNode]:
-    """Kahn's order inside one function body (call results must exist before use)."""
+def _local_order(local: dict[str, TFNode]) -> list[TFNode]:
+    """Kahn's order inside one function body (call results must exist before use). One
+    node per name (the last, as ``local``): n copies of a name used by m nodes were n * m
+    steps."""
+    nodes = list(local.values())
     indeg = {n.name: 0 for n in nodes}
     users: dict[str, list[str]] = {}
     for n in nodes:

@@ -22,7 +22,7 @@ from bnexporter.formats import protowire as pw
 from bnexporter.topology import tf_functions
 from bnexporter.topology.graph import Graph, Node
 from bnexporter.topology.tf_functions import MAX_META
-from bnexporter.topology.tf_nodes import TFNode, parse_node_def
+from bnexporter.topology.tf_nodes import TFNode, output_index, parse_node_def
 
 _VAR_OPS = {"VariableV2", "Variable", "VarHandleOp", "VarIsInitializedOp"}
 _READS = {"Identity", "ReadVariableOp", "Enter", "Snapshot", "Cast"}
@@ -34,9 +34,14 @@ _SIMPLE = {"Relu": "relu", "Relu6": "relu6", "Sigmoid": "sigmoid", "Tanh": "tanh
            "ExpandDims": "reshape"}
 # ops reading only a tensor's shape: no value flows on from them
 _SHAPE_OPS = {"Shape", "ShapeN", "Size", "Rank"}
+# values of a Const read as axes / paddings / a concat axis (real ones: at most 8); a
+# longer constant is no such thing, and decoding one of megabytes costs ~10x it
+_MAX_CONST_INTS = 64
 
 
 def _tensor_ints(raw: bytes, where: str) -> list[int] | None:
+    if len(raw) > 16 * _MAX_CONST_INTS + 256:  # not even parsed (a copy of megabytes)
+        return None
     t = pw.parse(raw, where)
     content = pw.get_bytes(t, 4, where)
     dtype = pw.get_int(t, 1, where=where)
@@ -82,7 +87,18 @@ def graph_from_meta(path: str) -> Graph | None:
 
 def _base(inp: str) -> tuple[str, int]:
     name, _, idx = inp.partition(":")
-    return name, int(idx) if idx.isascii() and idx.isdigit() else 0
+    return name, output_index(idx)
+
+
+def _window(value: Any) -> list[int]:
+    """A 4-entry NHWC int list attribute (strides, dilations, ksize), else all ones: an
+    attribute of another type (an int, a string) is not one to index."""
+    ok = isinstance(value, list) and len(value) == 4
+    return value if ok else [1, 1, 1, 1]
+
+
+def _padding(value: Any) -> str:
+    return value.decode("ascii", "replace").lower() if isinstance(value, bytes) else "valid"
 
 
 def graph_from_graph_def(tf_nodes: list[TFNode], source: str = "graph:tf"  # noqa: C901
@@ -153,14 +169,11 @@ def graph_from_graph_def(tf_nodes: list[TFNode], source: str = "graph:tf"  # noq
                  {"eps": float(eps) if isinstance(eps, float) else 1e-3, "axis": -1})
         elif n.op in ("Conv2D", "DepthwiseConv2dNative"):
             kernel = var_of(n.inputs[1]) if len(n.inputs) > 1 else None
-            strides = n.attrs.get("strides") or [1, 1, 1, 1]
-            dil = n.attrs.get("dilations") or [1, 1, 1, 1]
-            pad = n.attrs.get("padding") or b"VALID"
+            strides = _window(n.attrs.get("strides"))
+            dil = _window(n.attrs.get("dilations"))
             attrs: dict[str, Any] = {
-                     "stride": (strides[1], strides[2]) if len(strides) == 4 else (1, 1),
-                     "dilation": (dil[1], dil[2]) if len(dil) == 4 else (1, 1),
-                     "padding": pad.decode().lower() if isinstance(pad, bytes) else "valid",
-                     "groups": 1}
+                     "stride": (strides[1], strides[2]), "dilation": (dil[1], dil[2]),
+                     "padding": _padding(n.attrs.get("padding")), "groups": 1}
             if n.op == "DepthwiseConv2dNative":
                 attrs["depthwise"] = True
             emit(n.name, "conv", [first] if first else [],
@@ -171,16 +184,16 @@ def graph_from_graph_def(tf_nodes: list[TFNode], source: str = "graph:tf"  # noq
                 emit(n.name, "dense", [first], {"kernel": kernel})
             else:
                 emit(n.name, "other", ins, attrs={"name": n.op})
-        elif n.op == "BiasAdd" and first and ir.get(first, {}).get("op") in ("conv", "dense") \
+        elif n.op == "BiasAdd" and len(n.inputs) > 1 and first \
+                and ir.get(first, {}).get("op") in ("conv", "dense") \
                 and "bias" not in ir[first]["params"] and var_of(n.inputs[1]):
             ir[first]["params"]["bias"] = var_of(n.inputs[1])
             alias[n.name] = first
         elif n.op in ("MaxPool", "AvgPool"):
-            k = n.attrs.get("ksize") or [1, 1, 1, 1]
-            s = n.attrs.get("strides") or [1, 1, 1, 1]
-            pad = n.attrs.get("padding") or b"VALID"
+            k = _window(n.attrs.get("ksize"))
+            s = _window(n.attrs.get("strides"))
             attrs = {"pool": (k[1], k[2]), "stride": (s[1], s[2]),
-                     "padding": pad.decode().lower() if isinstance(pad, bytes) else "valid"}
+                     "padding": _padding(n.attrs.get("padding"))}
             if n.op == "AvgPool":
                 attrs["count_include_pad"] = False
             emit(n.name, "maxpool" if n.op == "MaxPool" else "avgpool",
@@ -228,7 +241,8 @@ def graph_from_graph_def(tf_nodes: list[TFNode], source: str = "graph:tf"  # noq
 
 def _toposort(nodes: list[TFNode], by: dict[str, TFNode]) -> list[TFNode]:
     """Kahn's order over data inputs (a GraphDef need not be sorted); cycles (while
-    loops) keep file order for the rest."""
+    loops) keep file order for the rest. One node per name (the last, as ``by``)."""
+    nodes = list(by.values())
     indeg = {n.name: 0 for n in nodes}
     users: dict[str, list[str]] = {}
     for n in nodes:

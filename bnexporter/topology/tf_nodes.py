@@ -14,6 +14,10 @@ from typing import Any
 from bnexporter.errors import CheckpointError
 from bnexporter.formats import protowire as pw
 
+# ints of one list attribute (strides, ksize: 4); every attribute of every node is
+# decoded, and a packed list of megabytes would be ~10x that in Python ints
+MAX_LIST = 1024
+
 
 @dataclass
 class TFNode:
@@ -21,6 +25,14 @@ class TFNode:
     op: str
     inputs: list[str]          # data inputs ("name" or "name:k"), control inputs dropped
     attrs: dict[str, Any] = field(default_factory=dict)
+
+
+def output_index(text: str) -> int:
+    """``k`` of an input ``name:k``: 0 unless ASCII digits; a number of thousands of digits
+    is a huge index (an output that does not exist), not int()'s ValueError."""
+    if not (text.isascii() and text.isdigit()):
+        return 0
+    return int(text) if len(text) <= 18 else 1 << 62
 
 
 def _attr_value(raw: bytes, where: str) -> Any:
@@ -31,16 +43,22 @@ def _attr_value(raw: bytes, where: str) -> Any:
         return pw.get_int(f, 3, where=where, signed=True)
     if 4 in f:
         v = f[4][-1]
-        return struct.unpack("<f", v.to_bytes(4, "little"))[0] if isinstance(v, int) else None
+        # a float is fixed32; written as a wider varint it is no float (not an OverflowError)
+        ok = isinstance(v, int) and v < 1 << 32
+        return struct.unpack("<f", v.to_bytes(4, "little"))[0] if ok else None
     if 5 in f:
         return bool(pw.get_int(f, 5, where=where))
     if 1 in f:  # ListValue
         lst = pw.parse(pw.get_bytes(f, 1, where) or b"", where)
         ints: list[int] = []
         for v in lst.get(3, []):
+            if len(ints) > MAX_LIST:
+                return None
             if isinstance(v, int):
                 ints.append(v)
             else:  # packed
+                if len(v) > 10 * MAX_LIST:
+                    return None
                 pos = 0
                 while pos < len(v):
                     n, pos = pw.read_varint(v, pos, where)
