@@ -98,8 +98,9 @@ def _hard_link(gid: h5py.h5g.GroupID, name: str) -> bool:
 
 # libhdf5 can spin forever on some corrupt metadata while holding the GIL (B20 in
 # docs/reliability.md): no Python-level timeout can interrupt it. So the metadata walk
-# is first done in a forked child with a deadline; the parent repeats it only once the
-# child has finished (same file, same library: it cannot spin then).
+# is first done in a forked child with a deadline; the parent walks only once the child
+# has finished (same file, same library: it cannot spin then), and takes the child's
+# answers for the contiguous datasets instead of opening them again (_Facts).
 PROBE_SECONDS = 5.0
 PROBE_SECONDS_PER_GB = 10.0
 
