@@ -56,6 +56,8 @@ TARGETS = {
     "pickle": (targets.target_pickle, fs.pickle_seeds),
     "torch": (targets.target_torch_zip, fs.torch_zip_seeds),
     "torch-legacy": (targets.target_torch_legacy, fs.torch_legacy_seeds),
+    "torchscript": (targets.target_torchscript, fs.torchscript_seeds),
+    "torch-export": (targets.target_torch_export, fs.pt2_seeds),
     "sstable": (targets.target_sstable, lambda: [i for i, _ in fs.tf_bundles()]),
     "tf": (_tf, lambda: [bytes([n]) + i for n, (i, _) in enumerate(fs.tf_bundles())]),
     "tf-graph": (targets.target_tf_graph, fs.tf_graphs),

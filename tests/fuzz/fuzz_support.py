@@ -223,3 +223,19 @@ def keras_seeds() -> list[bytes]:
 
 def u64(n: int) -> bytes:
     return struct.pack("<Q", n & ((1 << 64) - 1))
+
+
+@functools.cache
+def torchscript_seeds() -> list[bytes]:
+    """Real TorchScript archives (torch.jit.save of traced and scripted modules)."""
+    rels = [*(f"graph_sources/{p.name}" for p in sorted((FIXTURES / "graph_sources").glob(
+        "*_[ts][rc]*ed.pt"))), "torch/ts_dtypes.pt", "torch/torchscript_tiny.pt"]
+    return [raw for rel in rels if (raw := _real(rel)) is not None]
+
+
+@functools.cache
+def pt2_seeds() -> list[bytes]:
+    """Real torch.export archives."""
+    rels = [*(f"graph_sources/{p.name}" for p in sorted((FIXTURES / "graph_sources").glob(
+        "*.pt2"))), "torch/export_dtypes.pt2"]
+    return [raw for rel in rels if (raw := _real(rel)) is not None]

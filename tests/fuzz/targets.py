@@ -33,8 +33,10 @@ from bnexporter.formats import (  # noqa: E402
 from bnexporter.formats.base import RangeFile, Reader  # noqa: E402
 from bnexporter.formats.npz import NpzReader  # noqa: E402
 from bnexporter.formats.safetensors import SafetensorsReader  # noqa: E402
+from bnexporter.formats.torch_export import TorchExportReader  # noqa: E402
 from bnexporter.formats.torch_legacy import TorchLegacyReader  # noqa: E402
 from bnexporter.formats.torch_zip import TorchZipReader  # noqa: E402
+from bnexporter.formats.torchscript import TorchScriptReader  # noqa: E402
 from bnexporter.scan import analyse_path  # noqa: E402
 
 # elements read per fuzz input at most (declared sizes are the fuzzer's to choose)
@@ -258,6 +260,23 @@ def target_torch_zip(data: bytes) -> None:
 def target_torch_legacy(data: bytes) -> None:
     path = scratch("legacy.pt", data)
     no_side_effects(lambda: _open_and_read(TorchLegacyReader, path))
+    analyse(path)
+
+
+@guarded
+def target_torchscript(data: bytes) -> None:
+    """A TorchScript archive: data.pkl in TorchScript mode, code/ declarations, storages;
+    then the whole analysis (which also reads the archive's own graph)."""
+    path = scratch("ts.pt", data)
+    no_side_effects(lambda: _open_and_read(TorchScriptReader, path))
+    analyse(path)
+
+
+@guarded
+def target_torch_export(data: bytes) -> None:
+    """A torch.export .pt2: weights config, raw records, the program's BN epsilons."""
+    path = scratch("f.pt2", data)
+    no_side_effects(lambda: _open_and_read(TorchExportReader, path))
     analyse(path)
 
 
