@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bnexporter.errors import CheckpointError
+from bnexporter.formats.torch_export import MAX_PROGRAM
 from bnexporter.topology.graph import OPS, Graph, Node
 
 MAX_MEMBER = 64 << 20
@@ -145,7 +146,8 @@ def graph_from_export(path: str) -> Graph | None:
                  or n.endswith("serialized_exported_program.json")]
         if not cands:
             return None
-        raw = _read(f, entries[sorted(cands)[0]])
+        # a program JSON of 64 MB of "[]," took 1.7 GB once parsed: the reader's cap
+        raw = _read(f, entries[sorted(cands)[0]], MAX_PROGRAM)
     finally:
         f.close()
     try:

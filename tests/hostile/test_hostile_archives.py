@@ -146,6 +146,24 @@ def test_pt2_program_json_bomb_is_not_parsed(tmp_path):
     assert peak_mib(run) < 32
 
 
+
+def test_pt2_program_json_bomb_is_not_parsed_as_a_graph(tmp_path):
+    """The graph source reads the same program: past MAX_PROGRAM it is refused as too
+    large before json.loads (64 MB of it took 1.7 GB and 14 s)."""
+    from bnexporter.errors import CheckpointError
+    from bnexporter.topology.torch_graph import graph_from_export
+
+    def edit(m: dict[str, bytes]) -> None:
+        m[PROGRAM] = _json_bomb(m[PROGRAM], 17)
+    path = pt2(tmp_path, edit, deflate=(PROGRAM,))
+
+    def run() -> None:
+        with pytest.raises(CheckpointError) as err:
+            graph_from_export(path)
+        assert err.value.reason == "too_large"
+    assert peak_mib(run) < 32
+
+
 # -- TorchScript ---------------------------------------------------------------------------
 
 def ts_with_code(tmp_path, files: dict[str, str]) -> str:
