@@ -33,10 +33,16 @@ _INFLATE_MAX = 64 << 20
 
 
 class _Seekable(io.RawIOBase):
-    """Read-only and seekable over ``_size`` bytes; subclasses provide ``readinto``."""
+    """Read-only and seekable over ``_size`` bytes of one open file; subclasses provide
+    ``readinto``."""
 
     _pos = 0
     _size = 0
+    _fd = -1
+
+    def __init__(self, path: str):
+        super().__init__()
+        self._fd = open_regular(path)
 
     def readable(self) -> bool:
         return True
@@ -52,12 +58,18 @@ class _Seekable(io.RawIOBase):
         self._pos = max(0, ref + offset)
         return self._pos
 
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        super().close()
+
 
 class _Window(_Seekable):
     """A read-only, seekable view of ``[base, base+size)`` of a file, for h5py."""
 
     def __init__(self, path: str, base: int, size: int):
-        self._fd = open_regular(path)
+        super().__init__(path)
         self._base, self._size, self._pos = base, size, 0
 
     def readinto(self, buf: WriteableBuffer) -> int:
@@ -67,12 +79,6 @@ class _Window(_Seekable):
         view[: len(data)] = data
         self._pos += len(data)
         return len(data)
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-        super().close()
 
 
 class _Inflating(_Seekable):
@@ -98,7 +104,7 @@ class _Inflating(_Seekable):
     PAGES = 512       # 32 MB at most
 
     def __init__(self, path: str, base: int, csize: int, usize: int):
-        self._fd = open_regular(path)
+        super().__init__(path)
         self._base, self._csize, self._size, self._pos = base, csize, usize, 0
         self._d = zlib.decompressobj(-15)
         self._out = self._in = 0     # inflated bytes produced / compressed bytes read
@@ -171,9 +177,6 @@ class _Inflating(_Seekable):
         return len(data)
 
     def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
         self._marks = []
         self._pages.clear()
         super().close()
