@@ -55,6 +55,17 @@ def test_mutated_pt2_bytes(mutant):
     target_torch_export(mutant.data)
 
 
+def _edit_member(archive: bytes, kind: str, pick: int, edits, deflate: bool) -> bytes:
+    """``archive`` with one member of ``kind`` edited, re-zipped with valid CRCs."""
+    members = _members(archive)
+    i = _pick(members, pick, (kind,))
+    info, data = members[i]
+    if deflate:
+        info.compress_type = zipfile.ZIP_DEFLATED
+    members[i] = (info, fs.apply_edits(data or b"\0", edits))
+    return _zip(members)
+
+
 _TS_KINDS = ("data.pkl", "/code/", "/data/", "constants.pkl", "version", "byteorder")
 
 
@@ -63,13 +74,7 @@ _TS_KINDS = ("data.pkl", "/code/", "/data/", "constants.pkl", "version", "byteor
        _edits, st.booleans())
 def test_mutated_torchscript_members(which, kind, pick, edits, deflate):
     """One member edited, the archive re-zipped with valid CRCs (optionally deflated)."""
-    members = _members(TS[which])
-    i = _pick(members, pick, (kind,))
-    info, data = members[i]
-    if deflate:
-        info.compress_type = zipfile.ZIP_DEFLATED
-    members[i] = (info, fs.apply_edits(data or b"\0", edits))
-    target_torchscript(_zip(members))
+    target_torchscript(_edit_member(TS[which], kind, pick, edits, deflate))
 
 
 _PT2_KINDS = ("weights_config.json", "models/", "weights/weight_", "byteorder",
@@ -80,13 +85,7 @@ _PT2_KINDS = ("weights_config.json", "models/", "weights/weight_", "byteorder",
 @given(st.integers(0, len(PT2) - 1), st.sampled_from(_PT2_KINDS), st.integers(0, 1 << 16),
        _edits, st.booleans())
 def test_mutated_pt2_members(which, kind, pick, edits, deflate):
-    members = _members(PT2[which])
-    i = _pick(members, pick, (kind,))
-    info, data = members[i]
-    if deflate:
-        info.compress_type = zipfile.ZIP_DEFLATED
-    members[i] = (info, fs.apply_edits(data or b"\0", edits))
-    target_torch_export(_zip(members))
+    target_torch_export(_edit_member(PT2[which], kind, pick, edits, deflate))
 
 
 _JSON = st.recursive(
