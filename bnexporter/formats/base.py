@@ -115,6 +115,9 @@ class Reader(ABC):
     """Base class: subclasses fill ``_infos`` and implement ``_read_flat``."""
 
     format: str = "unknown"
+    # False where the file stores tensors in an order of its own (safetensors: by dtype
+    # and name), not the module's construction order
+    keeps_module_order: bool = True
 
     def __init__(self, path: str):
         self.path = str(path)

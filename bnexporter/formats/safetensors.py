@@ -37,6 +37,7 @@ def looks_like(head: bytes) -> bool:
 
 class SafetensorsReader(OffsetReader):
     format = "safetensors"
+    keeps_module_order = False
 
     def __init__(self, path: str):
         super().__init__(path)

@@ -150,7 +150,7 @@ def _structural_key(prefix: str, is_bn: bool) -> tuple[tuple[int, int, int, str]
 
 def _model_order(reader: Reader, bn_of: dict[str, str]) -> list[str]:
     names = [n for n in reader.names() if n not in reader.meta.auxiliary]
-    if reader.format != "safetensors":  # the others keep the state_dict's own order
+    if reader.keeps_module_order:
         return names
     return sorted(names, key=lambda n: _structural_key(
         bn_of[n] if n in bn_of else _split(n)[0], n in bn_of))
