@@ -65,6 +65,7 @@ class ScanOptions:
     census: str | None = None      # a sample of model inputs (else bnexporter-census.npy beside)
     census_seconds: float = 60.0   # time budget of one census
     distill: bool = False          # without a sample: census over distilled inputs (opt-in)
+    distill_warm: str | None = None  # a file keeping the distilled inputs for the next run
     census_enabled: bool = True    # False: no census this time (the daemon's census.every)
     # threads of one full scan (detection/ahead.py): 2 overlaps the refinement with the scan
     threads: int = field(default_factory=configured_threads)
@@ -131,7 +132,7 @@ def _analyse_in(reader: Reader, opts: ScanOptions, progress: Progress | None,
                                 reader.meta.notes)
     elif opts.distill and opts.census_enabled and layer_reports:
         layer_reports = measure_distilled(reader, layer_reports, th, opts.census_seconds,
-                                          reader.meta.notes)
+                                          reader.meta.notes, opts.distill_warm)
     bn_tensors = {t for layer in layers
                   for t in (layer.gamma, layer.beta, layer.mean, layer.var) if t}
     if opts.bn_only:

@@ -60,6 +60,7 @@ class CensusOptions:
     every: int = 1              # run it on every N-th analysed checkpoint of the model
     seconds: float = 60.0       # time budget of one census, inside the analysis timeout
     distill: bool = False       # no sample: census over inputs distilled from BN statistics
+    cache: str | None = None    # distilled inputs kept per model (warm start); None: default
 
 
 @dataclass(frozen=True)

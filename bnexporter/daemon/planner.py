@@ -47,6 +47,7 @@ from bnexporter.daemon.policy import (
     settled,
 )
 from bnexporter.daemon.state import ModelView, Store, frozen
+from bnexporter.detection import warm
 from bnexporter.detection.prune import plan as prune_plan
 from bnexporter.errors import RETRYABLE
 from bnexporter.report import CheckpointReport
@@ -469,6 +470,9 @@ class Planner:
                 opts = a.scan_options()
                 if len(m.succeeded) % a.census.every:  # the census on every N-th only
                     opts = replace(opts, census_enabled=False)
+                elif a.census.distill:  # each checkpoint starts from the last one's inputs
+                    opts = replace(opts, distill_warm=warm.path_for(
+                        a.census.cache or warm.default_dir(), m.name))
                 job = Job(m.name, m.generation, cand, opts)
                 with self._ready_cv:
                     if m.slot.offer(job):

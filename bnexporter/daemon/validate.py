@@ -239,6 +239,8 @@ def _census(ctx: _Ctx, raw: Any, loc: str, base: CensusOptions) -> CensusOptions
             out = replace(out, every=_integer(ctx, value, where, 1))
         elif key == "seconds":
             out = replace(out, seconds=_number(ctx, value, where))
+        elif key == "cache":
+            out = replace(out, cache=None if value is None else _folder_path(ctx, value, where))
         else:
             out = replace(out, distill=_boolean(ctx, value, where))
     return out
@@ -363,6 +365,17 @@ _SCALARS: dict[str, Callable[[_Ctx, Any, str], Any]] = {
     "shard": _shard,
     "web_config_file": lambda c, v, w: _file(c, v, w),
 }
+
+
+def _folder_path(ctx: _Ctx, value: Any, loc: str) -> str:
+    """A directory path relative to the config file; it need not exist yet (the user of
+    it creates it, private, and refuses one that others can write)."""
+    if not isinstance(value, str) or not value.strip():
+        raise ctx.fail(loc, f"expected a directory path, got {_short(value)}")
+    path = os.path.abspath(os.path.join(ctx.base_dir, os.path.expanduser(value.strip())))
+    if ctx.check_paths and os.path.exists(path) and not os.path.isdir(path):
+        raise ctx.fail(loc, f"{path}: not a directory")
+    return path
 
 
 def _file(ctx: _Ctx, value: Any, loc: str) -> str | None:

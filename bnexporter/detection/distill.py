@@ -257,6 +257,41 @@ class _BNOp:
         return [g * self.scale]
 
 
+class _TrainBNOp(_BNOp):
+    """Training-mode BN: the batch's own statistics normalise it (as in the training
+    step that produced the running statistics); the ZeroQ target is unchanged."""
+
+    def __init__(self, node: Node, eng: _Engine):
+        super().__init__(node, eng)
+        c = self.mu.shape[0]
+        g, b = eng.optional(node, "gamma"), eng.optional(node, "beta")
+        self.gamma = np.ones(c, np.float32) if g is None else g.astype(np.float32).reshape(-1)
+        self.beta = np.zeros(c, np.float32) if b is None else b.astype(np.float32).reshape(-1)
+
+    def forward(self, xs: list[np.ndarray]) -> tuple[np.ndarray, Any]:
+        x = xs[0]
+        c = self.gamma.shape[0]
+        if x.shape[-1] != c:
+            raise _Unsupported(f"BN of {c} channels on input {x.shape[1:]}")
+        flat = x.reshape(-1, c)
+        m = flat.mean(axis=0, dtype=np.float64).astype(np.float32)
+        v = flat.var(axis=0, dtype=np.float64)
+        inv = (1.0 / np.sqrt(v + self.eps)).astype(np.float32)
+        xhat = (x - m) * inv
+        return xhat * self.gamma + self.beta, (xhat, inv)
+
+    def backward(self, g: np.ndarray, ctx: Any) -> list[np.ndarray | None]:
+        xhat, inv = ctx
+        c = self.gamma.shape[0]
+        gf = g.reshape(-1, c)
+        xf = xhat.reshape(-1, c)
+        p = max(gf.shape[0], 1)
+        s1 = gf.sum(axis=0, dtype=np.float64) / p
+        s2 = np.einsum("pc,pc->c", gf, xf, dtype=np.float64) / p
+        dx = (g - s1.astype(np.float32) - xhat * s2.astype(np.float32)) * (self.gamma * inv)
+        return [dx]
+
+
 class _ElementwiseOp:
     def __init__(self, node: Node, eng: _Engine):
         self.fn = eng.compile(node)
@@ -537,7 +572,7 @@ class _PadOp:
         return [dx[:, 0] if squeezed else dx]
 
 
-def _make_op(node: Node, eng: _Engine) -> Any:
+def _make_op(node: Node, eng: _Engine, bn_mode: str = "eval") -> Any:
     op = node.op
     if op in ("identity", "output"):
         return _PassOp()
@@ -546,7 +581,7 @@ def _make_op(node: Node, eng: _Engine) -> Any:
     if op == "dense":
         return _DenseOp(node, eng)
     if op == "bn":
-        return _BNOp(node, eng)
+        return _TrainBNOp(node, eng) if bn_mode == "train" else _BNOp(node, eng)
     if op in ("relu", "relu6", "silu", "hardswish", "sigmoid", "tanh", "gelu",
               "leaky_relu", "activation"):
         return _ElementwiseOp(node, eng)
@@ -581,7 +616,9 @@ class Program:
 
     def __init__(self, graph: Graph, fetch: Callable[[str], np.ndarray], *,  # noqa: C901
                  normalize: str = "channel", std_floor: float = STD_FLOOR,
-                 layers: Sequence[str] | None = None):
+                 layers: Sequence[str] | None = None, bn_mode: str = "eval"):
+        if bn_mode not in ("eval", "train"):
+            raise ValueError(f"bn_mode must be eval or train, not {bn_mode!r}")
         if normalize not in ("channel", "layer", "zeroq"):
             raise ValueError(f"normalize must be channel, layer or zeroq, not {normalize!r}")
         self.graph = graph
@@ -624,7 +661,7 @@ class Program:
                     skip(n.name, f"model input {n.name!r}: only one input is distilled")
                 continue
             try:
-                self.ops[n.name] = _make_op(n, self.eng)
+                self.ops[n.name] = _make_op(n, self.eng, bn_mode)
             except _Unsupported as exc:
                 skip(n.name, str(exc))
             except Exception as exc:
@@ -784,7 +821,7 @@ def distill(graph: Graph, fetch: Callable[[str], np.ndarray], *, n: int = DEFAUL
             input_shape: Sequence[int] | None = None, normalize: str = "channel",
             std_floor: float = STD_FLOOR, cosine: bool = True, tol: float = 0.0,
             layers: Sequence[str] | None = None, program: Program | None = None,
-            clip: tuple[float, float] | None = None) -> Distilled:
+            clip: tuple[float, float] | None = None, bn_mode: str = "eval") -> Distilled:
     """Optimise ``n`` inputs (graph layout) until every BN's input statistics match its
     running statistics.
 
@@ -820,7 +857,8 @@ def distill(graph: Graph, fetch: Callable[[str], np.ndarray], *, n: int = DEFAUL
         raise ValueError("iters must be >= 0")
     g_at = graph if graph.input_shape == shape else dataclasses.replace(graph, input_shape=shape)
     prog = program if program is not None else Program(g_at, fetch, normalize=normalize,
-                                                       std_floor=std_floor, layers=layers)
+                                                       std_floor=std_floor, layers=layers,
+                                                       bn_mode=bn_mode)
     m1 = np.zeros_like(x)
     m2 = np.zeros_like(x)
     b1, b2, eps = 0.9, 0.999, 1e-8

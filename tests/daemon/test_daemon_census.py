@@ -34,3 +34,33 @@ def test_sample_beside_checkpoints_decides_and_every_nth_is_honoured(tmp_path: P
         assert s.get("bnexporter_model_census_layers", model="mnv2") == 0  # 2nd: skipped
     finally:
         assert d.stop() == 0, d.log()
+
+
+def test_distilled_census_starts_each_checkpoint_from_the_last_ones_inputs(tmp_path: Path):
+    import json
+
+    folder, cache = tmp_path / "run", tmp_path / "cache"
+    folder.mkdir()
+    cfg = _cfg(folder, every=1)
+    cfg["census"] = {"distill": True, "seconds": 6, "cache": str(cache)}
+    d = DaemonProcess(tmp_path, cfg).start()
+
+    def notes() -> list[str]:
+        doc = json.loads(d.text("/api/v1/models")[1])
+        return [n for n in doc["models"][0]["notes"] if n.startswith("distilled census:")]
+
+    try:
+        shutil.copy(FIX / "keras" / "k3_small.keras", folder / "ckpt-1.keras")
+        s = d.wait_for(lambda s: s.get("bnexporter_model_checkpoint_step", model="mnv2") == 1,
+                       "first checkpoint", timeout=90)
+        assert s.get("bnexporter_model_census_layers", model="mnv2") > 0
+        assert any("(cold)" in n for n in notes()), notes()
+        kept = list(cache.iterdir())
+        assert len(kept) == 1 and kept[0].suffix == ".npz"
+        assert cache.stat().st_mode & 0o777 == 0o700
+        shutil.copy(FIX / "keras" / "k3_small.keras", folder / "ckpt-2.keras")
+        d.wait_for(lambda s: s.get("bnexporter_model_checkpoint_step", model="mnv2") == 2,
+                   "second checkpoint", timeout=90)
+        assert any("(warm)" in n for n in notes()), notes()
+    finally:
+        assert d.stop() == 0, d.log()

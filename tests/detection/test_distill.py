@@ -191,26 +191,28 @@ def directional_check(prog, x, rng, directions=4, h=1e-2):
 
 
 @pytest.mark.parametrize("make", [nhwc_graph, nchw_graph])
-@pytest.mark.parametrize("normalize", ["channel", "zeroq"])
-def test_gradient_matches_finite_differences(make, normalize):
+@pytest.mark.parametrize("normalize,bn_mode", [("channel", "eval"), ("zeroq", "eval"),
+                                               ("channel", "train")])
+def test_gradient_matches_finite_differences(make, normalize, bn_mode):
     graph, t = make()
-    prog = Program(graph, fetcher(t), normalize=normalize)
+    prog = Program(graph, fetcher(t), normalize=normalize, bn_mode=bn_mode)
     assert not prog.skipped, prog.skipped
     assert len(prog.bns) == sum(n.op == "bn" for n in graph.nodes)
     rng = np.random.default_rng(3)
     x = rng.standard_normal((4, *graph.input_shape)).astype(np.float32)
     # max-pool winners and ReLU kinks switch inside a wide step: the torch graph (two
-    # overlapping max pools) needs a small one; float32 noise bounds it from below
-    h = 1e-2 if graph.layout == "nhwc" else 1e-3
+    # overlapping max pools) needs a small one, and so does training mode, whose batch
+    # statistics amplify a switch; float32 noise bounds it from below
+    h = 1e-2 if graph.layout == "nhwc" and bn_mode == "eval" else 1e-3
     assert directional_check(prog, x, rng, h=h) < 2.5e-3
     # each BN's own term alone: no other layer's gradient can hide an error
     for b in prog.bns:
-        alone = Program(graph, fetcher(t), normalize=normalize, layers=[b])
+        alone = Program(graph, fetcher(t), normalize=normalize, layers=[b], bn_mode=bn_mode)
         assert directional_check(alone, x, rng, directions=2, h=h) < 2.5e-3, b
 
 
 @pytest.mark.parametrize("op", ["conv_s2", "depthwise", "grouped", "maxpool", "avgpool",
-                                "pad", "dense", "concat", "add", "relu", "relu6"])
+                                "pad", "dense", "concat", "add", "relu", "relu6", "bn_train"])
 def test_gradient_per_op(op):
     """Each op alone between two BNs, so a wrong derivative cannot hide behind others."""
     rng = np.random.default_rng(11)
@@ -242,11 +244,13 @@ def test_gradient_per_op(op):
         c = 8
     elif op == "add":
         nodes.append(Node("o", "add", (src, "x", src)))
+    elif op == "bn_train":  # b0 in training mode, then a ReLU so its output matters
+        nodes.append(Node("o", "relu", (src,)))
     else:
         nodes.append(Node("o", op, (src,)))
     nodes.append(rng_bn("b1", "o", c, t, rng))
     graph = Graph(tuple(nodes), source="test", input_shape=(7, 9, 4))
-    prog = Program(graph, fetcher(t))
+    prog = Program(graph, fetcher(t), bn_mode="train" if op == "bn_train" else "eval")
     assert not prog.skipped
     x = (rng.standard_normal((3, 7, 9, 4)) * 2).astype(np.float32)
     assert directional_check(prog, x, rng, directions=4) < 1e-3
@@ -272,12 +276,14 @@ def _ref(name):
         return {k: z[k] for k in z.files}
 
 
+@pytest.mark.parametrize("tail", ["", ".train"])
 @pytest.mark.parametrize("fixture", ["k3_small.keras", "k2_resnet_s400.h5"])
-def test_keras_gradient_matches_framework_autodiff(fixture):
-    ref = _ref(fixture)
+def test_keras_gradient_matches_framework_autodiff(fixture, tail):
+    ref = _ref(fixture + tail)
     graph, reader = open_keras_ir(os.path.join(KERAS, fixture))
     try:
-        prog = Program(graph, reader.read_array, normalize=str(ref["normalize"]))
+        prog = Program(graph, reader.read_array, normalize=str(ref["normalize"]),
+                       bn_mode=str(ref["bn_mode"]))
         loss, g, _ = prog.loss_and_grad(ref["x"])
     finally:
         reader.close()
@@ -288,12 +294,13 @@ def test_keras_gradient_matches_framework_autodiff(fixture):
     np.testing.assert_allclose(g, ref["grad"], rtol=0, atol=1e-5 * np.abs(ref["grad"]).max())
 
 
-def test_torch_gradient_matches_framework_autodiff():
-    ref = _ref("torch_small.pt")
+@pytest.mark.parametrize("tail", ["", ".train"])
+def test_torch_gradient_matches_framework_autodiff(tail):
+    ref = _ref("torch_small.pt" + tail)
     reader = _open_reader(os.path.join(CENSUS, "torch_small.pt"))
     try:
         prog = Program(torch_small_graph(), reader.read_array,
-                       normalize=str(ref["normalize"]))
+                       normalize=str(ref["normalize"]), bn_mode=str(ref["bn_mode"]))
         loss, g, _ = prog.loss_and_grad(ref["x"])
     finally:
         reader.close()

@@ -146,6 +146,7 @@ def models_json(snap: Snapshot) -> str:
                                     "duration_seconds")},
             "analysed_at": view.analysed_at,
             "summary": None if doc is None else doc["summary"],
+            "notes": [] if doc is None else list(doc.get("notes", [])),
             "errors": dict(view.errors)})
     return json.dumps({"models": out}, indent=1) + "\n"
 
