@@ -11,6 +11,7 @@ lazily opened shard are left to the main thread).
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections import deque
@@ -23,11 +24,26 @@ ENV = "BNEXPORTER_SCAN_THREADS"
 
 
 def configured_threads() -> int:
-    """Threads one analysis may use: ``BNEXPORTER_SCAN_THREADS``, default 1."""
+    """Threads one analysis may use: ``BNEXPORTER_SCAN_THREADS``, default 1.
+
+    A value that is not a whole number >= 1 gives 1 (the side that never takes a core
+    from the training job) with a warning naming it, once per distinct value.
+    """
+    raw = os.environ.get(ENV, "1")
     try:
-        return max(1, int(os.environ.get(ENV, "1")))
+        value = int(raw)
     except ValueError:
+        value = 0
+    if value < 1:
+        if raw not in _WARNED:
+            _WARNED.add(raw)
+            logging.getLogger("bnexporter").warning(
+                "%s=%r is not a whole number >= 1: scanning with one thread", ENV, raw)
         return 1
+    return value
+
+
+_WARNED: set[str] = set()
 
 
 class Ahead:

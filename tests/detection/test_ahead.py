@@ -141,10 +141,17 @@ def test_deflated_npz_members_stay_in_the_main_thread(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("value,expected", [(None, 1), ("2", 2), ("0", 1), ("x", 1),
                                             ("-3", 1), ("4", 4)])
-def test_threads_from_the_environment(monkeypatch, value, expected):
+def test_threads_from_the_environment(monkeypatch, caplog, value, expected):
     if value is None:
         monkeypatch.delenv(scan_threads.ENV, raising=False)
     else:
         monkeypatch.setenv(scan_threads.ENV, value)
-    assert scan_threads.configured_threads() == expected
-    assert ScanOptions().threads == expected
+    monkeypatch.setattr(scan_threads, "_WARNED", set())
+    with caplog.at_level("WARNING", logger="bnexporter"):
+        assert scan_threads.configured_threads() == expected
+        assert ScanOptions().threads == expected
+    warned = [r.getMessage() for r in caplog.records if scan_threads.ENV in r.getMessage()]
+    if value in ("0", "x", "-3"):
+        assert len(warned) == 1 and repr(value) in warned[0]  # once, naming the value
+    else:
+        assert not warned

@@ -191,11 +191,12 @@ def directional_check(prog, x, rng, directions=4, h=1e-2):
 
 
 @pytest.mark.parametrize("make", [nhwc_graph, nchw_graph])
-@pytest.mark.parametrize("normalize,bn_mode", [("channel", "eval"), ("zeroq", "eval"),
-                                               ("channel", "train")])
-def test_gradient_matches_finite_differences(make, normalize, bn_mode):
+@pytest.mark.parametrize("normalize,bn_mode,smooth", [
+    ("channel", "eval", 0.0), ("zeroq", "eval", 0.0), ("channel", "train", 0.0),
+    ("channel", "train", 0.5)])
+def test_gradient_matches_finite_differences(make, normalize, bn_mode, smooth):
     graph, t = make()
-    prog = Program(graph, fetcher(t), normalize=normalize, bn_mode=bn_mode)
+    prog = Program(graph, fetcher(t), normalize=normalize, bn_mode=bn_mode, smooth=smooth)
     assert not prog.skipped, prog.skipped
     assert len(prog.bns) == sum(n.op == "bn" for n in graph.nodes)
     rng = np.random.default_rng(3)
@@ -207,7 +208,8 @@ def test_gradient_matches_finite_differences(make, normalize, bn_mode):
     assert directional_check(prog, x, rng, h=h) < 2.5e-3
     # each BN's own term alone: no other layer's gradient can hide an error
     for b in prog.bns:
-        alone = Program(graph, fetcher(t), normalize=normalize, layers=[b], bn_mode=bn_mode)
+        alone = Program(graph, fetcher(t), normalize=normalize, layers=[b], bn_mode=bn_mode,
+                        smooth=smooth)
         assert directional_check(alone, x, rng, directions=2, h=h) < 2.5e-3, b
 
 
@@ -412,3 +414,34 @@ def test_clip_keeps_inputs_in_range():
     graph, t = nhwc_graph()
     d = distill(graph, fetcher(t), n=4, iters=5, lr=0.5, clip=(-1.0, 1.0))
     assert d.inputs.min() >= -1.0 and d.inputs.max() <= 1.0
+
+
+@pytest.mark.parametrize("make", [nhwc_graph, nchw_graph])
+def test_smoothness_prior_is_the_mean_squared_neighbour_difference(make):
+    """The prior alone (no BN in the loss) against its closed form, on the spatial axes of
+    the graph's layout only (never across channels or images)."""
+    graph, t = make()
+    x = np.random.default_rng(2).standard_normal((2, *graph.input_shape)).astype(np.float32)
+    with_prior = Program(graph, fetcher(t), layers=[], smooth=0.3)
+    loss, _, _ = with_prior.loss_and_grad(x)
+    spatial = (1, 2) if graph.layout == "nhwc" else (2, 3)
+    x64 = x.astype(np.float64)
+    want = 0.3 * np.mean([np.mean(np.diff(x64, axis=a) ** 2) for a in spatial]) / x64.var()
+    assert loss == pytest.approx(want, rel=1e-5)
+    # an offset or a scale leaves it as it is: 0..255 pixels are judged as -1..1 ones
+    for other in (x + np.float32(1.5), x * np.float32(255)):
+        assert with_prior.loss_and_grad(other, grad=False)[0] == pytest.approx(want, rel=1e-4)
+    assert directional_check(with_prior, x, np.random.default_rng(4), directions=3,
+                             h=1e-2) < 1e-4
+
+
+def test_smoothness_prior_gives_smoother_inputs():
+    graph, t = nhwc_graph()
+    rough = distill(graph, fetcher(t), n=4, iters=60, seed=3, bn_mode="train")
+    smooth = distill(graph, fetcher(t), n=4, iters=60, seed=3, bn_mode="train", smooth=1.0)
+
+    def tv(x):
+        return float(np.mean(np.diff(x, axis=1) ** 2) + np.mean(np.diff(x, axis=2) ** 2)) \
+            / float(x.var())
+
+    assert tv(smooth.inputs) < 0.5 * tv(rough.inputs)
