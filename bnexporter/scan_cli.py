@@ -82,8 +82,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--distill", action="store_true",
                    help="no sample: run the census over inputs distilled from the BN "
                    "statistics (slow: minutes on a CPU; verdicts labelled census:distilled)")
-    p.add_argument("--census-seconds", type=float, default=60.0, metavar="S",
-                   help="time budget of one census (default 60)")
+    p.add_argument("--census-seconds", type=float, default=None, metavar="S",
+                   help="time budget of one census (default 60; with --distill 600: a "
+                   "one-shot distillation from noise takes its 300 steps)")
     p.add_argument("--bn-only", action="store_true",
                    help="analyse BatchNorm layers only, skip the full tensor scan")
     p.add_argument("--fail-on", action="append", choices=("dead", "nonfinite"), default=[],
@@ -135,10 +136,12 @@ def options_from_args(args: argparse.Namespace) -> ScanOptions:
         opts = analysis_from_flags(values, FLAGS).scan_options()
     except ConfigError as exc:
         raise UsageError(str(exc)) from None
-    if args.census_seconds <= 0:
+    seconds = args.census_seconds
+    if seconds is None:
+        seconds = 600.0 if args.distill else 60.0
+    if not seconds > 0:
         raise UsageError("--census-seconds: must be > 0")
-    return replace(opts, census=args.census, census_seconds=args.census_seconds,
-                   distill=args.distill)
+    return replace(opts, census=args.census, census_seconds=seconds, distill=args.distill)
 
 
 def _output_format(args: argparse.Namespace) -> str:

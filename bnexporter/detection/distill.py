@@ -86,7 +86,7 @@ EVIDENCE_DISTILLED = "census:distilled"
 EVIDENCE_ESTIMATE = "estimate"
 
 DEFAULT_ITERS = 300       # a one-shot scan (cold start)
-DEFAULT_WARM_ITERS = 20   # a daemon warm-started from the previous checkpoint's inputs
+DEFAULT_WARM_ITERS = 60   # a daemon warm-started from the previous checkpoint's inputs
 DEFAULT_LR = 0.1
 DEFAULT_N = 32
 STD_FLOOR = 0.1           # d_c >= STD_FLOOR * median running std of the layer

@@ -96,6 +96,11 @@ def measure_distilled(reader: Reader, reports: list[LayerReport], th: Thresholds
         if problem is not None:
             notes.append(f"distilled census: inputs not kept for the next checkpoint: "
                          f"{printable(problem)}")
+    if d.timed_out:  # half-optimised inputs are not evidence: never a verdict from them
+        notes.append("distilled census: the time budget ended the distillation; the estimate "
+                     "decides" + (" (the next checkpoint continues from these inputs)"
+                                  if warm_file is not None else ""))
+        return reports
     return _decide(graph, got.census, reports, th, notes, "census:distilled")
 
 

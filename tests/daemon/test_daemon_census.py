@@ -51,9 +51,10 @@ def test_distilled_census_starts_each_checkpoint_from_the_last_ones_inputs(tmp_p
 
     try:
         shutil.copy(FIX / "keras" / "k3_small.keras", folder / "ckpt-1.keras")
-        s = d.wait_for(lambda s: s.get("bnexporter_model_checkpoint_step", model="mnv2") == 1,
-                       "first checkpoint", timeout=90)
-        assert s.get("bnexporter_model_census_layers", model="mnv2") > 0
+        d.wait_for(lambda s: s.get("bnexporter_model_checkpoint_step", model="mnv2") == 1,
+                   "first checkpoint", timeout=90)
+        # whether 6 s finish the distillation depends on the machine; a budget that ends
+        # it leaves the estimate in charge, and either way the inputs are kept
         assert any("(cold)" in n for n in notes()), notes()
         kept = list(cache.iterdir())
         assert len(kept) == 1 and kept[0].suffix == ".npz"

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from bnexporter.scan import ScanOptions, analyse_path
 
@@ -85,10 +86,40 @@ def test_scan_cli_census_flag(tmp_path):
     assert doc["summary"]["census_layers"] == 52
 
 
-def test_distilled_census_is_opt_in_and_labelled():
+def test_distilled_census_is_opt_in_and_labelled(monkeypatch):
+    from bnexporter.detection import distill
+
+    monkeypatch.setattr(distill, "DEFAULT_ITERS", 40)  # the path, not the optimum
     small = os.path.join(FIX, "keras", "k3_small.keras")
     plain = analyse_path(small, ScanOptions(bn_only=True))
     assert {layer.evidence for layer in plain.bn_layers} == {"estimate"}
-    report = analyse_path(small, ScanOptions(bn_only=True, distill=True, census_seconds=30))
+    report = analyse_path(small, ScanOptions(bn_only=True, distill=True, census_seconds=120))
     assert {layer.evidence for layer in report.bn_layers} == {"census:distilled"}
     assert any(n.startswith("distilled census:") for n in report.notes)
+
+
+@pytest.mark.parametrize("argv,seconds", [([], 60.0), (["--distill"], 600.0),
+                                          (["--distill", "--census-seconds", "30"], 30.0),
+                                          (["--census-seconds", "5"], 5.0)])
+def test_census_budget_of_a_one_shot_scan(argv, seconds):
+    import argparse
+
+    from bnexporter.scan_cli import add_arguments, options_from_args
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    opts = options_from_args(p.parse_args(["x.h5", *argv]))
+    assert opts.census_seconds == seconds
+    assert opts.distill == ("--distill" in argv)
+
+
+def test_census_budget_must_be_positive():
+    import argparse
+
+    from bnexporter.scan_cli import UsageError, add_arguments, options_from_args
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    for bad in ("0", "-1", "nan"):
+        with pytest.raises(UsageError, match="census-seconds"):
+            options_from_args(p.parse_args(["x.h5", "--distill", "--census-seconds", bad]))

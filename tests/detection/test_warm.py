@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -67,13 +68,28 @@ def test_kept_inputs_of_another_shape_are_refused(tmp_path):
         warm.load(path, (4, 4, 3))
 
 
-def test_second_checkpoint_starts_warm_from_the_first(tmp_path):
+@pytest.fixture
+def short_distillation(monkeypatch):
+    """40 steps from noise, 10 from kept inputs: the paths, not the optimum, are tested."""
+    from bnexporter.detection import distill
+
+    monkeypatch.setattr(distill, "DEFAULT_ITERS", 40)
+    monkeypatch.setattr(distill, "DEFAULT_WARM_ITERS", 10)
+
+
+def test_second_checkpoint_starts_warm_from_the_first(tmp_path, short_distillation):
+    """A budget too short for a cold start: the first checkpoint keeps the estimate (no
+    verdict from half-optimised inputs) and the second continues from its inputs."""
     small = os.path.join(FIX, "keras", "k3_small.keras")
     path = warm.path_for(str(tmp_path / "cache"), "k3")
-    opts = ScanOptions(bn_only=True, distill=True, census_seconds=6, distill_warm=path)
+    opts = ScanOptions(bn_only=True, distill=True, census_seconds=0.3, distill_warm=path)
     first = analyse_path(small, opts)
     note = next(n for n in first.notes if n.startswith("distilled census:"))
-    assert "(cold)" in note, first.notes
+    assert "(cold)" in note and "time budget reached" in note, first.notes
+    assert any("the estimate decides (the next checkpoint continues" in n
+               for n in first.notes), first.notes
+    assert {layer.evidence for layer in first.bn_layers} == {"estimate"}
+    opts = replace(opts, census_seconds=60)
     x1, loss1 = warm.load(path, None)
     second = analyse_path(small, opts)
     note = next(n for n in second.notes if n.startswith("distilled census:"))
@@ -84,12 +100,12 @@ def test_second_checkpoint_starts_warm_from_the_first(tmp_path):
     assert {layer.evidence for layer in second.bn_layers} == {"census:distilled"}
 
 
-def test_an_unusable_cache_falls_back_to_a_cold_start(tmp_path):
+def test_an_unusable_cache_falls_back_to_a_cold_start(tmp_path, short_distillation):
     folder = tmp_path / "shared"
     folder.mkdir()
     os.chmod(folder, 0o777)
     small = os.path.join(FIX, "keras", "k3_small.keras")
-    report = analyse_path(small, ScanOptions(bn_only=True, distill=True, census_seconds=6,
+    report = analyse_path(small, ScanOptions(bn_only=True, distill=True, census_seconds=60,
                                              distill_warm=warm.path_for(str(folder), "k3")))
     notes = [n for n in report.notes if n.startswith("distilled census:")]
     assert any("warm start refused" in n and "starting from noise" in n for n in notes), notes
