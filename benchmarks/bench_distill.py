@@ -1,7 +1,7 @@
 """Cost and accuracy of the data-free census (detection/distill.py), cold and warm-started.
 
     OPENBLAS_NUM_THREADS=1 python benchmarks/bench_distill.py [--files A B ...] \
-        [--cold-iters 300] [--warm-iters 20] [--n 32] [--res 96] [--json out.jsonl]
+        [--cold-iters 300] [--warm-iters 60] [--n 32] [--res 96] [--json out.jsonl]
 
 The files are checkpoints of one training run in step order (default: the two committed
 MobileNetV2-0.35 96x96 fixtures, steps 150 and 450). For each file:
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--files", nargs="+", type=Path, default=DEFAULT_FILES)
     ap.add_argument("--cold-iters", type=int, default=300)
-    ap.add_argument("--warm-iters", type=int, default=20)
+    ap.add_argument("--warm-iters", type=int, default=60)
     ap.add_argument("--n", type=int, default=32)
     ap.add_argument("--lr", type=float, default=0.1)
     ap.add_argument("--res", type=int, default=None, help="distil at RES x RES")
