@@ -306,7 +306,7 @@ def run_demo(args: argparse.Namespace) -> int:
     try:
         return serve(cfg, None, None, ready=ready)
     finally:
-        trainer.stop.set()
+        trainer.close()
         if not keep:
             shutil.rmtree(root, ignore_errors=True)
         logging.getLogger("bnexporter").info("demo finished")

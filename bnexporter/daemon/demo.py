@@ -368,6 +368,13 @@ class Trainer:
     def start(self) -> None:
         self._thread.start()
 
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop and wait for the write in progress: a thread left inside h5py while the
+        interpreter shuts down (or while its folder is removed) can crash the process."""
+        self.stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
     def _loop(self) -> None:
         written: list[str] = []
         while True:

@@ -118,3 +118,28 @@ def test_demo_serves_a_dying_run(tmp_path: Path):
         if proc.poll() is None:
             proc.kill()
             proc.wait(5)
+
+
+def test_demo_trainer_close_waits_for_the_write_in_progress(tmp_path: Path, monkeypatch):
+    """The demo's end must not leave its writer inside h5py (a crash at exit, seen once
+    in CI as the demo exiting on SIGSEGV)."""
+    import threading
+
+    from bnexporter.daemon import demo
+
+    started, finished = threading.Event(), threading.Event()
+
+    def slow_write(path, step, seed):
+        started.set()
+        time.sleep(0.6)
+        Path(path).write_bytes(b"x")
+        finished.set()
+
+    monkeypatch.setattr(demo, "write_story_checkpoint", slow_write)
+    trainer = demo.Trainer(str(tmp_path), interval=10.0)
+    trainer.start()
+    assert started.wait(5)
+    trainer.close()
+    assert finished.is_set()
+    assert not trainer._thread.is_alive()
+    demo.Trainer(str(tmp_path), interval=1.0).close()  # never started: nothing to wait for
