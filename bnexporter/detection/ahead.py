@@ -21,6 +21,7 @@ from bnexporter.formats.base import Reader, TensorInfo
 from bnexporter.report import TensorReport
 
 ENV = "BNEXPORTER_SCAN_THREADS"
+_WARNED: set[str] = set()  # bad values already warned about
 
 
 def configured_threads() -> int:
@@ -42,8 +43,6 @@ def configured_threads() -> int:
         return 1
     return value
 
-
-_WARNED: set[str] = set()
 
 
 class Ahead:

@@ -258,9 +258,9 @@ class _BNOp:
         var = eng.tensor(node, "var").astype(np.float64).reshape(-1)
         c = mean.shape[0]
         g = eng.optional(node, "gamma")
-        gamma = np.ones(c) if g is None else g.astype(np.float64).reshape(-1)
+        self.gamma = np.ones(c) if g is None else g.astype(np.float64).reshape(-1)
         self.eps = float(node.attrs.get("eps", 1e-5 if eng.nchw else 1e-3))
-        self.scale = (gamma / np.sqrt(var + self.eps)).astype(np.float32)
+        self.scale = (self.gamma / np.sqrt(var + self.eps)).astype(np.float32)
         self.mu = mean
         self.sd = np.sqrt(np.maximum(var, 0.0) + self.eps)
 
@@ -277,14 +277,13 @@ class _TrainBNOp(_BNOp):
 
     def __init__(self, node: Node, eng: _Engine):
         super().__init__(node, eng)
-        c = self.mu.shape[0]
-        g, b = eng.optional(node, "gamma"), eng.optional(node, "beta")
-        self.gamma = np.ones(c, np.float32) if g is None else g.astype(np.float32).reshape(-1)
-        self.beta = np.zeros(c, np.float32) if b is None else b.astype(np.float32).reshape(-1)
+        b = eng.optional(node, "beta")
+        self.g32 = self.gamma.astype(np.float32)
+        self.b32 = np.zeros_like(self.g32) if b is None else b.astype(np.float32).reshape(-1)
 
     def forward(self, xs: list[np.ndarray]) -> tuple[np.ndarray, Any]:
         x = xs[0]
-        c = self.gamma.shape[0]
+        c = self.g32.shape[0]
         if x.shape[-1] != c:
             raise _Unsupported(f"BN of {c} channels on input {x.shape[1:]}")
         flat = x.reshape(-1, c)
@@ -292,17 +291,16 @@ class _TrainBNOp(_BNOp):
         v = flat.var(axis=0, dtype=np.float64)
         inv = (1.0 / np.sqrt(v + self.eps)).astype(np.float32)
         xhat = (x - m) * inv
-        return xhat * self.gamma + self.beta, (xhat, inv)
+        return xhat * self.g32 + self.b32, (xhat, inv)
 
     def backward(self, g: np.ndarray, ctx: Any) -> list[np.ndarray | None]:
         xhat, inv = ctx
-        c = self.gamma.shape[0]
+        c = self.g32.shape[0]
         gf = g.reshape(-1, c)
-        xf = xhat.reshape(-1, c)
         p = max(gf.shape[0], 1)
         s1 = gf.sum(axis=0, dtype=np.float64) / p
-        s2 = np.einsum("pc,pc->c", gf, xf, dtype=np.float64) / p
-        dx = (g - s1.astype(np.float32) - xhat * s2.astype(np.float32)) * (self.gamma * inv)
+        s2 = np.einsum("pc,pc->c", gf, xhat.reshape(-1, c), dtype=np.float64) / p
+        dx = (g - s1.astype(np.float32) - xhat * s2.astype(np.float32)) * (self.g32 * inv)
         return [dx]
 
 

@@ -59,7 +59,7 @@ def measure_distilled(reader: Reader, reports: list[LayerReport], th: Thresholds
     left.
     """
     from bnexporter.detection import warm
-    from bnexporter.detection.distill import DEFAULT_ITERS, DistilledCensus, distilled_census
+    from bnexporter.detection.distill import DistilledCensus, distilled_census
 
     graph = graph_for(reader)
     if graph is None:
@@ -81,9 +81,8 @@ def measure_distilled(reader: Reader, reports: list[LayerReport], th: Thresholds
                              f"{got.distilled.loss:.4f} (kept inputs {kept[1]:.4f}); "
                              "starting from noise")
                 got = None
-        if got is None:
-            got = distilled_census(graph, reader.read_array, iters=DEFAULT_ITERS,
-                                   deadline=deadline)
+        if got is None:  # from noise: distill's cold number of steps
+            got = distilled_census(graph, reader.read_array, deadline=deadline)
     except (ValueError, CheckpointError) as exc:
         notes.append(f"distilled census: {printable(str(exc))}")
         return reports

@@ -13,6 +13,7 @@ that others can write is refused (the distillation then starts cold), never used
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import stat
@@ -37,8 +38,6 @@ def default_dir() -> str:
 def path_for(cache: str, model: str) -> str:
     """The model's file: its name made safe, plus a hash so that two names that sanitise
     alike (``a/b``, ``a_b``) never share a file."""
-    import hashlib
-
     tag = hashlib.sha256(model.encode("utf-8", "surrogatepass")).hexdigest()[:12]
     return os.path.join(cache, f"{_UNSAFE.sub('_', model)[:80]}-{tag}.npz")
 
